@@ -1,0 +1,26 @@
+"""minilearn: a small, fast, fastai-style callback training framework for PyTorch."""
+from .callbacks.device import CudaCallback, DeviceCallback, default_device
+from .callbacks.metrics import AvgStats, AvgStatsCallback, accuracy, format_time
+from .callbacks.progress import ProgressCallback
+from .callbacks.recorder import Recorder
+from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats, normalize_chan, view_tfm
+from .core import camel2snake, listify, to_device
+from .data.core import DataBunch, Dataset, get_dls
+from .learner import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Learner,
+                      TrainEvalCallback, param_getter)
+
+__version__ = '0.1.0'
+
+__all__ = [
+    # learner
+    'Learner', 'Callback', 'TrainEvalCallback', 'EVENTS', 'CancelTrainException', 'CancelEpochException',
+    'CancelBatchException', 'param_getter',
+    # core callbacks
+    'DeviceCallback', 'CudaCallback', 'default_device', 'BatchTransformXCallback', 'normalize_chan', 'Normalize',
+    'channel_stats', 'view_tfm', 'AvgStats', 'AvgStatsCallback', 'accuracy', 'format_time', 'ProgressCallback',
+    'Recorder',
+    # data
+    'Dataset', 'DataBunch', 'get_dls',
+    # helpers
+    'listify', 'camel2snake', 'to_device',
+]

@@ -1,0 +1,4 @@
+"""`python -m minilearn ...` runs the command-line interface."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Running averages of the loss and metrics, per epoch, for training and validation."""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..core import listify
+from ..learner import Callback
+
+__all__ = ['accuracy', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
+
+
+def accuracy(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """Fraction of items whose highest score is the target class ((N, C, ...) scores, (N, ...) targets)."""
+    return (out.argmax(dim=1) == yb).float().mean()
+
+
+def metric_name(metric: Callable) -> str:
+    """A metric's column name: its function name (through partials), else its class name."""
+    while isinstance(metric, functools.partial): metric = metric.func
+    return getattr(metric, '__name__', None) or type(metric).__name__
+
+
+def format_time(seconds: float) -> str:
+    """mm:ss (or h:mm:ss)."""
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, (seconds // 60) % 60, seconds % 60
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+
+
+def _batch_size(run: Any) -> int:
+    for b in (run.yb, run.xb):
+        if isinstance(b, torch.Tensor) and b.ndim: return b.shape[0]
+    return len(run.yb)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+
+
+class AvgStats:
+    """Sums of loss and metrics weighted by batch size, kept on the batch's device until read."""
+
+    def __init__(self, metrics: Any, in_train: bool):
+        self.metrics, self.in_train = listify(metrics), in_train
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass."""
+        self.tot_loss, self.count = 0., 0
+        self.tot_mets: list = [0.] * len(self.metrics)
+
+    def accumulate(self, run: Any) -> None:
+        """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
+        bn = _batch_size(run)
+        self.tot_loss = self.tot_loss + _detached(run.loss) * bn
+        self.count += bn
+        for i, m in enumerate(self.metrics):
+            self.tot_mets[i] = self.tot_mets[i] + _detached(m(run.pred, run.yb)) * bn
+
+    @property
+    def all_stats(self) -> list[float]:
+        """Summed loss then summed metrics, as Python floats (one read from the device)."""
+        sums = [self.tot_loss] + self.tot_mets
+        tensors = [s for s in sums if isinstance(s, torch.Tensor)]
+        if not tensors: return [float(s) for s in sums]
+        values = iter(torch.stack([t.reshape(()) for t in tensors]).tolist())
+        return [next(values) if isinstance(s, torch.Tensor) else float(s) for s in sums]
+
+    @property
+    def avg_stats(self) -> list[float]:
+        """Average loss then average metrics over the pass (nan before any batch)."""
+        if not self.count: return [math.nan] * (1 + len(self.metrics))
+        return [s / self.count for s in self.all_stats]
+
+    @property
+    def names(self) -> list[str]:
+        prefix = 'train' if self.in_train else 'valid'
+        return [f'{prefix}_loss'] + [f'{prefix}_{metric_name(m)}' for m in self.metrics]
+
+    def __repr__(self) -> str:
+        if not self.count: return ''
+        return f"{'train' if self.in_train else 'valid'}: {self.avg_stats}"
+
+
+class AvgStatsCallback(Callback):
+    """Average loss and metrics per epoch; logs one row per epoch and keeps them in `history`."""
+
+    def __init__(self, metrics: Any = None):
+        self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)
+        self.history: list[dict] = []
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The columns: `epoch`, train and valid loss and metrics, `time`."""
+        return ['epoch'] + self.train_stats.names + self.valid_stats.names + ['time']
+
+    def begin_fit(self) -> None:
+        if self.run.start_epoch == 0: self.history = []  # resuming keeps the loaded history
+        self.run.logger(self.metric_names)
+
+    def begin_epoch(self) -> None:
+        self.train_stats.reset()
+        self.valid_stats.reset()
+        self.start_time = time.time()
+
+    def after_loss(self) -> None:
+        stats = self.train_stats if self.run.in_train else self.valid_stats
+        with torch.no_grad(): stats.accumulate(self.run)
+
+    def after_epoch(self) -> None:
+        elapsed = time.time() - self.start_time
+        has_valid = self.run.data.valid_dl is not None
+        values = self.train_stats.avg_stats + (self.valid_stats.avg_stats if has_valid
+                                               else [None] * len(self.valid_stats.names))
+        row = {'epoch': self.run.epoch, **dict(zip(self.metric_names[1:-1], values)), 'time': elapsed}
+        self.history.append(row)
+        self.run.logger([str(self.run.epoch)] + ['-' if v is None else f'{v:.6f}' for v in values]
+                        + [format_time(elapsed)])
+
+    def state_dict(self) -> dict:
+        return {'history': [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(r) for r in state['history']]

@@ -1,0 +1,100 @@
+"""Progress bars (fastprogress) over epochs and batches, with the per-epoch table."""
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleMasterBar, ConsoleProgressBar, NBMasterBar, NBProgressBar
+
+from ..learner import Callback
+
+__all__ = ['ProgressCallback']
+
+
+class _PlainMasterBar:
+    """For logs (CI, files, pipes): table rows as plain lines, no bars and no carriage returns."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def write(self, line: Any, table: bool = False) -> None:
+        if not table: print(line, flush=True)
+        elif not hasattr(self, 'widths'):
+            self.widths = [max(len(str(n)), 8) for n in line]
+            print('  '.join(str(n).ljust(w) for n, w in zip(line, self.widths)), flush=True)
+        else:
+            print('  '.join(str(v).ljust(w) for v, w in zip(line, self.widths)), flush=True)
+
+
+class ProgressCallback(Callback):
+    """A master bar over epochs, a bar over batches showing the smoothed loss, and the epoch table.
+
+    Bars are drawn in Jupyter and in terminals; when output goes to a log, only table rows are written.
+    The loss is read from the device at most `max_updates_per_sec` times a second.
+    """
+    _order = -1
+
+    def __init__(self, beta: float = 0.98, max_updates_per_sec: float = 10., interactive: bool | None = None):
+        self.beta, self.min_interval, self.interactive = beta, 1. / max_updates_per_sec, interactive
+        self.mbar = self.pb = None
+
+    def _is_interactive(self) -> bool:
+        if self.interactive is not None: return self.interactive
+        return IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+
+    def begin_fit(self) -> None:
+        self.bars = self._is_interactive()
+        if self.bars:
+            master_cls = NBMasterBar if IN_NOTEBOOK else ConsoleMasterBar
+            self.mbar = master_cls(range(self.run.epochs))
+            self.mbar.on_iter_begin()
+            self.mbar.update(self.run.start_epoch)
+        else:
+            self.mbar = _PlainMasterBar(self.run.epochs)
+        self.old_logger = self.run.logger
+        self.run.logger = partial(self.mbar.write, table=True)
+        self.pb, self.smooth_loss, self.n_smoothed, self.last_shown = None, None, 0, 0.
+
+    def begin_epoch(self) -> None:
+        self._new_bar()
+        if self.bars: self.mbar.update(self.run.epoch)
+
+    def begin_validate(self) -> None:
+        self._new_bar()
+
+    def _new_bar(self) -> None:
+        self._close_bar()
+        if not self.bars: return
+        bar_cls = NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar
+        self.pb = bar_cls(self.run.dl, parent=self.mbar)
+        self.pb.update(0)
+
+    def after_loss(self) -> None:
+        if not self.run.in_train or not isinstance(self.run.loss, torch.Tensor): return
+        loss = self.run.loss.detach().float()
+        self.smooth_loss = loss * (1 - self.beta) if self.smooth_loss is None else (
+            self.smooth_loss * self.beta + loss * (1 - self.beta))
+        self.n_smoothed += 1
+
+    def after_batch(self) -> None:
+        if self.pb is None: return
+        now = time.time()
+        last = self.run.iter + 1 >= self.run.iters
+        if now - self.last_shown < self.min_interval and not last: return
+        self.last_shown = now
+        if self.run.in_train and self.smooth_loss is not None:  # the only host read during an epoch, throttled
+            self.pb.comment = f'loss {self.smooth_loss.item() / (1 - self.beta ** self.n_smoothed):.4f}'
+        self.pb.update(self.run.iter + 1)
+
+    def _close_bar(self) -> None:
+        if self.pb is not None and self.pb.last_v is not None: self.pb.on_iter_end()
+        self.pb = None
+
+    def after_fit(self) -> None:
+        if self.mbar is None: return  # begin_fit never ran (an earlier callback failed)
+        self._close_bar()
+        if self.bars: self.mbar.on_iter_end()
+        self.run.logger, self.mbar = self.old_logger, None

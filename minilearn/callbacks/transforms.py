@@ -1,0 +1,75 @@
+"""Batch transforms: apply a function to `xb`, per-channel normalization and its statistics."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from ..learner import Callback
+
+__all__ = ['BatchTransformXCallback', 'normalize_chan', 'Normalize', 'channel_stats', 'view_tfm']
+
+
+class BatchTransformXCallback(Callback):
+    """Replace `xb` by `tfm(xb)` at every batch (after the device move)."""
+    _order = 2
+
+    def __init__(self, tfm: Callable[[torch.Tensor], torch.Tensor]):
+        self.tfm = tfm
+
+    def begin_batch(self) -> None:
+        self.run.xb = self.tfm(self.run.xb)
+
+
+def _as_channel_stat(stat: Any, x: torch.Tensor) -> torch.Tensor:
+    stat = torch.as_tensor(stat)
+    stat = stat.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    return stat.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def normalize_chan(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    """(x - mean) / std per channel of an (N, C, ...) batch; stats follow the batch's device and dtype."""
+    if x.ndim < 2: raise ValueError(f"normalize_chan expects an (N, C, ...) batch, got shape {tuple(x.shape)}")
+    return (x - _as_channel_stat(mean, x)) / _as_channel_stat(std, x)
+
+
+class Normalize:
+    """Per-channel normalization with stats cached per (device, dtype): no copy per batch."""
+
+    def __init__(self, mean: Any, std: Any):
+        self.mean, self.std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if (self.std <= 0).any(): raise ValueError(f"std must be positive in every channel, got {self.std.tolist()}")
+        self._cache: dict = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype, x.ndim)
+        if key not in self._cache:
+            self._cache[key] = (_as_channel_stat(self.mean, x), _as_channel_stat(self.std, x))
+        mean, std = self._cache[key]
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return f'Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})'
+
+
+def channel_stats(dl: Iterable, n_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over the inputs of a DataLoader (all of it, or its first `n_batches`)."""
+    total = total_sq = None
+    count = 0
+    for i, (xb, _) in enumerate(dl):
+        if n_batches is not None and i >= n_batches: break
+        xb = xb.double().transpose(0, 1).reshape(xb.shape[1], -1)
+        total = xb.sum(1) if total is None else total + xb.sum(1)
+        total_sq = (xb * xb).sum(1) if total_sq is None else total_sq + (xb * xb).sum(1)
+        count += xb.shape[1]
+    if not count: raise ValueError("channel_stats: the DataLoader gave no batches")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
+def view_tfm(*size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch transform reshaping flat items to `size` (the course's `view_tfm(1, 28, 28)`)."""
+    def _inner(x: torch.Tensor) -> torch.Tensor: return x.view(*((-1,) + size))
+    return _inner

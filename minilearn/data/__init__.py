@@ -1,0 +1,1 @@
+"""Data: datasets, DataBunch, item lists, transforms, downloads and standard formats."""

@@ -1,0 +1,363 @@
+"""The Learner: the training loop and its ordered callback system (course-v3 dl2 protocol)."""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import camel2snake, listify
+
+__all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
+           'CancelEpochException', 'CancelBatchException', 'param_getter']
+
+EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
+          'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
+          'after_epoch', 'after_cancel_train', 'after_fit')
+
+
+class CancelTrainException(Exception):
+    """Raise in a callback to stop training: `after_cancel_train`, then `after_fit` run."""
+
+
+class CancelEpochException(Exception):
+    """Raise in a callback to end the current pass (training or validation) early."""
+
+
+class CancelBatchException(Exception):
+    """Raise in a callback to skip the rest of the current batch (`after_batch` still runs)."""
+
+
+_CANCELS = (CancelTrainException, CancelEpochException, CancelBatchException)
+
+
+class Callback:
+    """Base class of callbacks: a method per event it handles; reads fall through to the learner."""
+    _order = 0
+    run = None
+
+    def set_runner(self, run: Learner) -> None:
+        """Attach this callback to a learner (`self.run`)."""
+        self.run = run
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: read the learner's state (`self.xb`, `self.model`...).
+        if name.startswith('__') or self.__dict__.get('run') is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__['run'], name)
+
+    @property
+    def name(self) -> str:
+        """snake_case of the class name without its `Callback` suffix: the learner attribute it appears as."""
+        return camel2snake(re.sub(r'Callback$', '', type(self).__name__) or 'callback')
+
+    def __call__(self, event_name: str) -> bool:
+        """Run this callback's handler of `event_name`, if any; True means 'skip' for begin events."""
+        handler = getattr(self, event_name, None)
+        return bool(handler and handler())
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(_order={self._order})'
+
+
+class TrainEvalCallback(Callback):
+    """Always present: switches train/eval mode and keeps the progress counters `n_epochs`, `n_iter`."""
+
+    def begin_fit(self) -> None:
+        self.run.n_epochs = float(self.run.start_epoch)
+        self.run.n_iter = self.run.start_epoch * len(self.run.data.train_dl)
+
+    def begin_epoch(self) -> None:
+        self.run.n_epochs = float(self.run.epoch)
+        self.run.model.train()
+        self.run.in_train = True
+
+    def after_batch(self) -> None:
+        if not self.run.in_train: return
+        self.run.n_epochs = self.run.epoch + (self.run.iter + 1) / self.run.iters
+        self.run.n_iter += 1
+
+    def begin_validate(self) -> None:
+        self.run.model.eval()
+        self.run.in_train = False
+
+
+def param_getter(model: nn.Module) -> Iterable[nn.Parameter]:
+    """Default splitter: one parameter group with every parameter."""
+    return model.parameters()
+
+
+def _check_lr(lr: Any) -> None:
+    values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+
+
+def _with_message(exc: BaseException, text: str) -> BaseException:
+    """An exception of the same type whose message adds `text`; `exc` itself with a note when its class
+    cannot be rebuilt from a message. The caller chains it (`raise new from exc`)."""
+    try:
+        new = type(exc)(f"{exc} [{text}]")
+        ok = type(new) is type(exc) and text in str(new)
+    except Exception:
+        ok = False
+    if not ok:
+        if hasattr(exc, 'add_note'): exc.add_note(text)
+        new = exc
+    new._minilearn_where = text
+    return new
+
+
+def _annotate(exc: BaseException, cb: Callback, event_name: str) -> BaseException:
+    return _with_message(exc, f"raised in callback {cb.name!r} ({type(cb).__name__}) during '{event_name}'")
+
+
+class Learner:
+    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events."""
+
+    def __init__(self, model: nn.Module, data: Any, loss_func: Callable, opt_func: Callable = torch.optim.SGD,
+                 lr: float = 1e-2, cbs: Any = None, cb_funcs: Any = None, splitter: Callable | None = None,
+                 path: str | Path = '.', model_dir: str = 'models'):
+        _check_lr(lr)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_func):
+            raise TypeError(f"loss_func must be callable (e.g. torch.nn.functional.cross_entropy), got {loss_func!r}")
+        for name in ('train_dl', 'valid_dl'):
+            if not hasattr(data, name):
+                raise TypeError(f"data must have `train_dl` and `valid_dl` (a DataBunch); {type(data).__name__} "
+                                f"has no {name!r}. Build one with DataBunch(train_dl, valid_dl).")
+        cb_funcs = listify(cb_funcs)
+        for f in cb_funcs:
+            if not callable(f):
+                raise TypeError(f"cb_funcs entries must be callables that build a callback (a class or a partial), "
+                                f"got {f!r}; pass callback instances through `cbs` instead")
+        self.model, self.data, self.loss_func, self.opt_func = model, data, loss_func, opt_func
+        self.lr, self.splitter = lr, splitter or param_getter
+        self.path, self.model_dir = Path(path), model_dir
+        self.opt, self.logger, self.grad_scaler = None, print, None
+        self.in_train, self.dl = False, None
+        self.xb = self.yb = self.pred = self.loss = None
+        self.epoch = self.epochs = self.start_epoch = self.iter = self.iters = self.n_iter = 0
+        self.n_epochs = 0.
+        self.cbs: list[Callback] = []
+        self._handlers: dict[str, list[Callback]] | None = None
+        self.add_cb(TrainEvalCallback())
+        self.add_cbs(cbs)
+        self.add_cbs(f() for f in cb_funcs)
+
+    # ---- callbacks ------------------------------------------------------------------------------
+    def add_cbs(self, cbs: Any) -> None:
+        """Attach several callbacks (instances)."""
+        for cb in listify(cbs): self.add_cb(cb)
+
+    def add_cb(self, cb: Callback) -> None:
+        """Attach one callback; it becomes reachable as `learn.<cb.name>`."""
+        if not callable(cb) or not hasattr(cb, 'set_runner'):
+            raise TypeError(f"{cb!r} is not a callback; callbacks subclass minilearn.Callback "
+                            f"(pass a class or partial through `cb_funcs` instead)")
+        name = cb.name
+        if any(c.name == name for c in self.cbs):
+            raise ValueError(f"a callback named {name!r} is already attached ({getattr(self, name)!r}); "
+                             f"remove it first (learn.remove_cbs) or give the new one another class name")
+        if name in vars(self) or hasattr(type(self), name):
+            raise ValueError(f"callback name {name!r} clashes with the learner attribute of that name; rename the class")
+        unknown = [m for m in dir(type(cb)) if m.startswith(('begin_', 'after_')) and m not in EVENTS]
+        if unknown:
+            warnings.warn(f"{type(cb).__name__} has method(s) {unknown} named like events that do not exist; "
+                          f"valid events: {', '.join(EVENTS)}", stacklevel=3)
+        cb.set_runner(self)
+        setattr(self, name, cb)
+        self.cbs.append(cb)
+        self._handlers = None
+
+    def remove_cbs(self, cbs: Any) -> None:
+        """Detach callbacks (instances) from the learner."""
+        for cb in listify(cbs):
+            if cb in self.cbs:
+                self.cbs.remove(cb)
+                if self.__dict__.get(cb.name) is cb: delattr(self, cb.name)
+        self._handlers = None
+
+    def _handler_table(self) -> dict[str, list[Callback]]:
+        # Which callbacks handle which event, in `_order` (stable for ties); callbacks that override
+        # `__call__` (like the course's DebugCallback) receive every event.
+        if self._handlers is None:
+            ordered = sorted(self.cbs, key=lambda cb: cb._order)
+            self._handlers = {e: [cb for cb in ordered if type(cb).__call__ is not Callback.__call__
+                                  or callable(getattr(type(cb), e, None)) or e in vars(cb)] for e in EVENTS}
+        return self._handlers
+
+    def __call__(self, event_name: str) -> bool:
+        """Fire `event_name` on every callback in `_order`; True when any handler asked to skip."""
+        handlers = self._handler_table().get(event_name)
+        if handlers is None:
+            raise ValueError(f"unknown event {event_name!r}; valid events: {', '.join(EVENTS)}")
+        skip = False
+        for cb in handlers:
+            try:
+                skip = cb(event_name) or skip
+            except _CANCELS:
+                raise
+            except Exception as e:
+                if hasattr(e, '_minilearn_where'): raise
+                new = _annotate(e, cb, event_name)
+                if new is e: raise
+                raise new from e
+        return skip
+
+    def _after_fit(self) -> None:
+        # Every callback's after_fit runs (each restores what it changed), even when one of them fails.
+        first_error = None
+        for cb in self._handler_table()['after_fit']:
+            try:
+                cb('after_fit')
+            except Exception as e:
+                if first_error is None: first_error = e if hasattr(e, '_minilearn_where') else _annotate(e, cb, 'after_fit')
+        if first_error is not None: raise first_error
+
+    def show_callbacks(self) -> None:
+        """Print, per event, the callbacks that handle it in the order they run."""
+        for event, cbs in self._handler_table().items():
+            names = ', '.join(f'{type(cb).__name__}({cb._order})' for cb in cbs)
+            print(f'{event:<20} {names or "-"}')
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def create_opt(self) -> None:
+        """Build the optimizer as `opt_func(param_groups, lr=lr)` from the splitter's groups."""
+        groups = list(self.splitter(self.model))
+        if groups and not isinstance(groups[0], (nn.Parameter, torch.Tensor, dict)):
+            groups = [{'params': list(g)} for g in groups]  # a splitter returning several groups
+        self.opt = self.opt_func(groups, lr=self.lr)
+
+    def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0) -> None:
+        """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming)."""
+        self._check_fit_args(epochs, start_epoch)
+        cbs = listify(cbs)
+        added = []
+        try:
+            for cb in cbs:
+                self.add_cb(cb)
+                added.append(cb)
+        except Exception:
+            self.remove_cbs(added)
+            raise
+        previous_opt = self.opt
+        try:
+            if reset_opt or self.opt is None: self.create_opt()
+            self.epochs, self.start_epoch, self.loss = epochs, start_epoch, torch.tensor(0.)
+            self._preflight_pending, self._stepped = True, False
+            self('begin_fit')
+            for epoch in range(start_epoch, epochs):
+                self.epoch = epoch
+                self._do_epoch()
+        except CancelTrainException:
+            self('after_cancel_train')
+        except BaseException:
+            if not self._stepped: self.opt = previous_opt  # failed before any step: leave the learner as it was
+            raise
+        finally:
+            try:
+                self._after_fit()
+            finally:
+                self.remove_cbs(cbs)
+
+    def _check_fit_args(self, epochs: Any, start_epoch: Any) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int):
+            raise TypeError(f"epochs must be a positive int, got {epochs!r}")
+        if epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs}")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or not 0 <= start_epoch < epochs:
+            raise ValueError(f"start_epoch must be an int in [0, epochs={epochs}), got {start_epoch!r}")
+        _check_lr(self.lr)
+        try:
+            n = len(self.data.train_dl)
+        except TypeError:
+            raise TypeError("data.train_dl must have a length (a DataLoader over a map-style dataset)") from None
+        if n == 0:
+            raise ValueError("the training DataLoader is empty: check the dataset is not empty and that "
+                             "drop_last=True does not drop every batch (batch size larger than the dataset?)")
+
+    def _do_epoch(self) -> None:
+        self.dl = self.data.train_dl
+        if not self('begin_epoch'): self.all_batches()
+        if self.data.valid_dl is not None:
+            with torch.no_grad():
+                self.dl = self.data.valid_dl
+                if not self('begin_validate'): self.all_batches()
+        self('after_epoch')
+
+    def all_batches(self) -> None:
+        """Run every batch of `self.dl`."""
+        self.iters = len(self.dl)
+        try:
+            for i, batch in enumerate(self.dl):
+                self.one_batch(i, *self._split_batch(batch))
+        except CancelEpochException:
+            self('after_cancel_epoch')
+
+    @staticmethod
+    def _split_batch(batch: Any) -> tuple[Any, Any]:
+        if isinstance(batch, (list, tuple)) and len(batch) == 2: return batch[0], batch[1]
+        raise ValueError(f"each batch must be an (xb, yb) pair; the DataLoader gave a {type(batch).__name__}"
+                         f"{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}")
+
+    def one_batch(self, i: int, xb: Any, yb: Any) -> None:
+        """Forward, loss and (in training) backward and step for one batch, firing its events."""
+        try:
+            self.iter, self.xb, self.yb = i, xb, yb
+            self('begin_batch')
+            self.pred = self._forward()
+            self('after_pred')
+            if self._preflight_pending: self._preflight()
+            self.loss = self.loss_func(self.pred, self.yb)
+            self('after_loss')
+            if not self.in_train: return
+            self.backward()
+            self('after_backward')
+            self.step()
+            self('after_step')
+            self.opt.zero_grad()
+        except CancelBatchException:
+            self('after_cancel_batch')
+        self('after_batch')
+
+    def _forward(self) -> Any:
+        if not self._preflight_pending: return self.model(self.xb)
+        try:
+            return self.model(self.xb)
+        except Exception as e:  # name the input once, on the first batch of a fit
+            shape = tuple(self.xb.shape) if isinstance(self.xb, torch.Tensor) else type(self.xb).__name__
+            new = _with_message(e, f"the model's forward failed on the first batch, input shape {shape}")
+            if new is e: raise
+            raise new from e
+
+    def _preflight(self) -> None:
+        # Once per fit, on the loop's own first batch: catch data/model mismatches before any step.
+        from .checks import check_batch
+        self._preflight_pending = False
+        check_batch(self.pred, self.yb, self.loss_func)
+
+    def backward(self) -> None:
+        """Backpropagate the loss (through the mixed-precision scaler when one is set)."""
+        loss = self.loss if self.grad_scaler is None else self.grad_scaler.scale(self.loss)
+        loss.backward()
+
+    def step(self) -> None:
+        """One optimizer step (through the mixed-precision scaler when one is set)."""
+        self._stepped = True
+        if self.grad_scaler is None:
+            self.opt.step()
+        else:
+            self.grad_scaler.step(self.opt)
+            self.grad_scaler.update()
+
+    def __repr__(self) -> str:
+        cbs = ', '.join(type(cb).__name__ for cb in self.cbs)
+        return f'Learner(model={type(self.model).__name__}, loss_func={getattr(self.loss_func, "__name__", self.loss_func)}, lr={self.lr}, cbs=[{cbs}])'
