@@ -358,6 +358,67 @@ class Learner:
             self.grad_scaler.step(self.opt)
             self.grad_scaler.update()
 
+    # ---- conveniences implemented in their own modules ------------------------------------------
+    def fit_one_cycle(self, epochs: int, max_lr: float | None = None, pct_start: float = 0.3, div: float = 25.,
+                      div_final: float = 1e5, moms: tuple[float, float] | None = (0.95, 0.85), cbs: Any = None,
+                      **kwargs: Any) -> None:
+        """Fit with a one-cycle schedule: cosine warm-up of lr to `max_lr`, then annealing; momentum inverted."""
+        from .callbacks.schedule import fit_one_cycle
+        fit_one_cycle(self, epochs, max_lr=max_lr, pct_start=pct_start, div=div, div_final=div_final, moms=moms,
+                      cbs=cbs, **kwargs)
+
+    def lr_find(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10., **kwargs: Any) -> float:
+        """Sweep the learning rate exponentially, restore the learner, return the suggested lr."""
+        from .callbacks.schedule import lr_find
+        return lr_find(self, max_iter=max_iter, min_lr=min_lr, max_lr=max_lr, **kwargs)
+
+    def save(self, path: str | Path, with_opt: bool = True) -> Path:
+        """Write a checkpoint (atomically) for exact resume; returns its path."""
+        from .serialization import save_learner
+        return save_learner(self, path, with_opt=with_opt)
+
+    def load(self, path: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
+        """Load a checkpoint written by `save` (safely: weights_only); the learner is unchanged on error."""
+        from .serialization import load_learner_state
+        load_learner_state(self, path, with_opt=with_opt, strict=strict)
+        return self
+
+    def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False, act: Any = None,
+                  reorder: bool = True) -> tuple:
+        """Predictions and targets over a loader (validation by default), in dataset order."""
+        from .inference import get_preds
+        return get_preds(self, dl=dl, with_input=with_input, with_loss=with_loss, act=act, reorder=reorder)
+
+    def predict(self, item: Any) -> tuple:
+        """(label, class_index, probabilities) for one raw item."""
+        from .inference import predict
+        return predict(self, item)
+
+    def tta(self, dl: Any = None, n: int = 4, beta: float = 0.25, tfm: Any = None) -> tuple:
+        """Test-time augmentation: blend plain predictions with the mean of `n` augmented passes."""
+        from .inference import tta
+        return tta(self, dl=dl, n=n, beta=beta, tfm=tfm)
+
+    def show_results(self, n: int = 9):
+        """A grid of validation images with predicted vs actual labels; returns the figure."""
+        from .inference import show_results
+        return show_results(self, n=n)
+
+    def summary(self) -> str:
+        """Per-layer output shapes and parameter counts, optimizer, loss and callbacks."""
+        from .inference import summary
+        return summary(self)
+
+    def export(self, path: str | Path) -> Path:
+        """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings)."""
+        from .export import export_learner
+        return export_learner(self, path)
+
+    def distrib_ctx(self, **kwargs: Any):
+        """Context manager: train with DistributedCallback (torchrun) for the duration of the block."""
+        from .callbacks.distributed import distrib_ctx
+        return distrib_ctx(self, **kwargs)
+
     def __repr__(self) -> str:
         cbs = ', '.join(type(cb).__name__ for cb in self.cbs)
         return f'Learner(model={type(self.model).__name__}, loss_func={getattr(self.loss_func, "__name__", self.loss_func)}, lr={self.lr}, cbs=[{cbs}])'
