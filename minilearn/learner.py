@@ -41,6 +41,7 @@ class Callback:
     """Base class of callbacks: a method per event it handles; reads fall through to the learner."""
     _order = 0
     run = None
+    for_inference = False  # True for batch callbacks that prediction must apply too (device, normalization)
 
     def set_runner(self, run: Learner) -> None:
         """Attach this callback to a learner (`self.run`)."""

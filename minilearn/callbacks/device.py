@@ -19,6 +19,7 @@ def default_device() -> torch.device:
 class DeviceCallback(Callback):
     """Move the model (and optimizer state) at `begin_fit` and each batch at `begin_batch` to `device`."""
     _order = -5  # before every other callback, so they all see the model and batches on the device
+    for_inference = True
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else default_device()

@@ -14,6 +14,7 @@ __all__ = ['BatchTransformXCallback', 'normalize_chan', 'Normalize', 'channel_st
 class BatchTransformXCallback(Callback):
     """Replace `xb` by `tfm(xb)` at every batch (after the device move)."""
     _order = 2
+    for_inference = True
 
     def __init__(self, tfm: Callable[[torch.Tensor], torch.Tensor]):
         self.tfm = tfm

@@ -38,11 +38,16 @@ def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataL
 
 
 class DataBunch:
-    """A training and a validation DataLoader, plus the number of input channels and of outputs."""
+    """A training and a validation DataLoader, the number of input channels and of outputs.
+
+    `vocab` (class names, index order) and `item_tfms` (the item transforms of the inputs) are set
+    when the data comes from a labelled item list; prediction and export read them.
+    """
 
     def __init__(self, train_dl: DataLoader, valid_dl: DataLoader | None, c_in: int | None = None,
-                 c_out: int | None = None):
+                 c_out: int | None = None, vocab: list | None = None, item_tfms: list | None = None):
         self.train_dl, self.valid_dl, self.c_in, self.c_out = train_dl, valid_dl, c_in, c_out
+        self.vocab, self.item_tfms = vocab, item_tfms
 
     @classmethod
     def from_datasets(cls, train_ds: Any, valid_ds: Any, bs: int = 64, c_in: int | None = None,
