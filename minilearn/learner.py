@@ -310,7 +310,7 @@ class Learner:
                          f"{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}")
 
     def one_batch(self, i: int, xb: Any, yb: Any) -> None:
-        """Forward, loss and (in training) backward and step for one batch, firing its events."""
+        """Forward and loss, then (in training) backward and step, for one batch, firing its events."""
         try:
             self.iter, self.xb, self.yb = i, xb, yb
             self('begin_batch')
@@ -319,15 +319,17 @@ class Learner:
             if self._preflight_pending: self._preflight()
             self.loss = self.loss_func(self.pred, self.yb)
             self('after_loss')
-            if not self.in_train: return
-            self.backward()
-            self('after_backward')
-            self.step()
-            self('after_step')
-            self.opt.zero_grad()
+            if self.in_train: self._train_step()
         except CancelBatchException:
             self('after_cancel_batch')
         self('after_batch')
+
+    def _train_step(self) -> None:
+        self.backward()
+        self('after_backward')
+        self.step()
+        self('after_step')
+        self.opt.zero_grad()
 
     def _forward(self) -> Any:
         if not self._preflight_pending: return self.model(self.xb)

@@ -1,0 +1,52 @@
+"""Small generated data and models shared by the tests (no network, no files)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minilearn.data.core import DataBunch, Dataset
+
+
+def linear_data(n_train: int = 96, n_valid: int = 64, n_features: int = 8, n_classes: int = 3, bs: int = 16,
+                seed: int = 0, **dl_kwargs) -> DataBunch:
+    """A learnable classification problem: the class is the argmax of a fixed linear map."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_valid, n_features, generator=g)
+    w = torch.randn(n_features, n_classes, generator=g)
+    y = (x @ w).argmax(1)
+    return DataBunch.from_datasets(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs=bs,
+                                   c_in=n_features, c_out=n_classes, **dl_kwargs)
+
+
+def mlp(n_features: int = 8, n_classes: int = 3, n_hidden: int = 16) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_features, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_classes))
+
+
+def image_data(n_train: int = 512, n_valid: int = 256, size: int = 12, n_classes: int = 4, bs: int = 32,
+               seed: int = 0) -> DataBunch:
+    """3-channel images whose class sets which quadrant holds a bright blob, under noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_valid
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    x = torch.rand(n, 3, size, size, generator=g) * 0.6
+    half = size // 2
+    for c in range(n_classes):
+        r, col = divmod(c, 2)
+        idx = (y == c).nonzero().flatten()
+        x[idx, :, r * half:(r + 1) * half, col * half:(col + 1) * half] += 0.5
+    return DataBunch.from_datasets(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs=bs,
+                                   c_in=3, c_out=n_classes)
+
+
+def small_cnn(c_in: int = 3, n_classes: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(c_in, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, n_classes))
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
