@@ -1,11 +1,14 @@
 """minilearn: a small, fast, fastai-style callback training framework for PyTorch."""
 from .callbacks.device import CudaCallback, DeviceCallback, default_device
+from .callbacks.mixup import MixUp, MixUpLoss
 from .callbacks.metrics import AvgStats, AvgStatsCallback, accuracy, format_time
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats, normalize_chan, view_tfm
 from .core import camel2snake, listify, to_device
 from .data.core import DataBunch, Dataset, get_dls
+from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
+                     SoftTargetCrossEntropy, lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
 from .learner import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Learner,
                       TrainEvalCallback, param_getter)
 
@@ -19,6 +22,9 @@ __all__ = [
     'DeviceCallback', 'CudaCallback', 'default_device', 'BatchTransformXCallback', 'normalize_chan', 'Normalize',
     'channel_stats', 'view_tfm', 'AvgStats', 'AvgStatsCallback', 'accuracy', 'format_time', 'ProgressCallback',
     'Recorder',
+    # regularization
+    'MixUp', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
+    'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
     'Dataset', 'DataBunch', 'get_dls',
     # helpers
