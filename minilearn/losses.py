@@ -1,11 +1,12 @@
 """Loss helpers: mixing and reducing losses, per-item losses, label smoothing, soft targets, bootstrapping.
 
-Target validation policy (the losses here and `smooth_one_hot`): shapes, dtypes, `eps`, `beta` and the
-reduction are checked on every call (pure Python on shapes, free). The value range of class indices is
-checked on the call only when the targets live on the CPU, where reading them costs no device
-synchronisation; on an accelerator that check would stall the pipeline every batch, so it is left to
-the learner's once-per-fit pre-flight check (`minilearn.checks.check_batch`, which reads the
-`class_index_targets` and `ignore_index` attributes of these losses) on the first batch of a fit.
+Target validation policy: shapes, dtypes, `eps`, `beta` and the reduction are checked on every call
+(pure Python on shapes, free). The class-index losses never read target values on the normal path
+(no host read per batch): an out-of-range index makes the CPU gather fail, and that failure is turned
+into a ValueError naming the index; on an accelerator it would be a device-side assert, so the
+learner's once-per-fit pre-flight check (`minilearn.checks.check_batch`, which reads the
+`class_index_targets` and `ignore_index` attributes of these losses) validates the first batch of a
+fit. `smooth_one_hot`, a data-preparation helper, checks CPU targets up front.
 """
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def _check_class_targets(name: str, input: Any, target: Any, ignore_index: int |
         raise ValueError(f"{name}: target shape {tuple(target.shape)} does not match the input shape "
                          f"{tuple(input.shape)}; class indices must have shape {expected} (the input's shape "
                          f"without the class dimension 1)")
-    _check_range_on_cpu(name, target, input.shape[0 if input.ndim == 1 else 1], ignore_index)
 
 
 class _ClassIndexLoss(nn.Module):
@@ -146,8 +146,13 @@ class _ClassIndexLoss(nn.Module):
         return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
 
-def _nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+def _nll(log_probs: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """−log p of each target class; `target` has its ignored entries already replaced by 0."""
+    try:
+        return -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    except (RuntimeError, IndexError) as error:  # only reached with an out-of-range index (CPU)
+        _check_range_on_cpu(name, target.cpu(), log_probs.shape[1], None)
+        raise error
 
 
 class LabelSmoothingCrossEntropy(_ClassIndexLoss):
@@ -203,7 +208,7 @@ class LabelSmoothingCrossEntropy(_ClassIndexLoss):
         log_probs, target, ignored = self._log_probs(input, target)
         n_classes, eps = log_probs.shape[1], self.eps
         weight = self._class_weight(log_probs, n_classes)
-        loss = _nll(log_probs, target)
+        loss = _nll(log_probs, target, type(self).__name__)
         target_weight = None
         if weight is not None:
             target_weight = weight[target].masked_fill(ignored, 0.)
@@ -306,7 +311,7 @@ class _BootstrappingLoss(_ClassIndexLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(input, torch.Tensor) and input.ndim == 1
         log_probs, target, ignored = self._log_probs(input, target)
-        loss = lin_comb(_nll(log_probs, target), self._self_term(log_probs), self.beta)
+        loss = lin_comb(_nll(log_probs, target, type(self).__name__), self._self_term(log_probs), self.beta)
         return self._reduce(loss, ignored, unbatched)
 
     def extra_repr(self) -> str:

@@ -1,25 +1,67 @@
 """Record hyper-parameters and training losses per batch, and plot them."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from numbers import Real
 
+import numpy as np
 import torch
 
 from ..learner import Callback
 
-__all__ = ['Recorder']
+__all__ = ['Recorder', 'smooth_ema', 'suggest_lr']
+
+
+def smooth_ema(values: Sequence[float], beta: float = 0.98) -> list[float]:
+    """Exponential moving average of `values` with bias correction (fastai's smoothed loss)."""
+    if not 0 <= beta < 1: raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    average, smoothed = 0., []
+    for i, value in enumerate(values, 1):
+        average = beta * average + (1 - beta) * value
+        smoothed.append(average / (1 - beta ** i))
+    return smoothed
+
+
+def _sweep_points(lrs: Sequence[float], losses: Sequence[float], skip_last: int) -> tuple[list[float], list[float]]:
+    if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
+        raise ValueError(f"skip_last must be an int >= 0, got {skip_last!r}")
+    n = min(len(lrs), len(losses)) - skip_last
+    lrs, losses = list(lrs[:max(n, 0)]), list(losses[:max(n, 0)])
+    finite = next((i for i, l in enumerate(losses) if not math.isfinite(l)), len(losses))
+    return lrs[:finite], losses[:finite]
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_last: int = 0, beta: float = 0.98) -> float:
+    """The recorded lr where the smoothed loss falls fastest (steepest descent), from an LR-finder sweep.
+
+    Points after the first non-finite loss and the last `skip_last` points are left out.
+    """
+    lrs, losses = _sweep_points(lrs, losses, skip_last)
+    if len(losses) < 3:
+        raise ValueError(f"too few finite losses ({len(losses)}) to suggest a learning rate: run a longer sweep "
+                         f"(max_iter), start it lower (min_lr) or lower skip_last")
+    return float(lrs[_steepest(smooth_ema(losses, beta))])
+
+
+def _steepest(smoothed: Sequence[float]) -> int:
+    # The first tenth is left out (as fastai does): the smoothed loss is still mostly noise there.
+    start = min(len(smoothed) // 10, len(smoothed) - 3)
+    return start + int(np.argmin(np.gradient(np.array(smoothed[start:]))))
 
 
 def _scalar_hypers(group: dict) -> dict[str, float]:
     hypers = {k: v for k, v in group.items() if isinstance(v, Real) and not isinstance(v, bool)}
-    if isinstance(group.get('betas'), (tuple, list)): hypers['beta1'] = group['betas'][0]
+    betas = group.get('betas')
+    if isinstance(betas, (tuple, list)) and isinstance(betas[0], Real): hypers['beta1'] = betas[0]
     return hypers
 
 
 class Recorder(Callback):
     """Per training batch: every scalar hyper-parameter of each param group (`hypers`), and the loss.
 
-    Losses stay on the device (no host read per batch); `losses` converts them when read.
+    Losses stay on the device (no host read per batch); `losses` converts them when read. After an
+    LR-finder sweep, `plot()` draws loss against lr and `suggest_lr()` gives the suggested lr.
     """
 
     def __init__(self) -> None:
@@ -64,20 +106,36 @@ class Recorder(Callback):
     def plot_loss(self, skip_last: int = 0):
         """Plot the training loss per batch (dropping the last `skip_last`); returns the figure."""
         import matplotlib.pyplot as plt
+        if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
+            raise ValueError(f"skip_last must be an int >= 0, got {skip_last!r}")
         losses = self.losses
         fig, ax = plt.subplots()
-        ax.plot(losses[:len(losses) - skip_last])
+        ax.plot(losses[:max(len(losses) - skip_last, 0)])
         ax.set_xlabel('iteration')
         ax.set_ylabel('loss')
         return fig
 
+    def suggest_lr(self, skip_last: int = 0, pgid: int = -1, beta: float = 0.98) -> float:
+        """After an LR-finder sweep: the lr (of param group `pgid`) where the smoothed loss falls fastest."""
+        return suggest_lr(self._lrs_of(pgid), self.losses, skip_last=skip_last, beta=beta)
+
+    def _lrs_of(self, pgid: int) -> list[float]:
+        if not self._losses: raise ValueError("nothing recorded yet: run a fit (or learn.lr_find()) with this Recorder")
+        if not self.lrs: raise ValueError("no scalar learning rate recorded (tensor learning rates are not recorded)")
+        return self.lrs[pgid]
+
     def plot(self, skip_last: int = 0, pgid: int = -1):
-        """Loss against learning rate on a log axis (for the LR finder); returns the figure."""
+        """Loss against learning rate on a log axis, the suggested lr marked (for the LR finder); returns the figure."""
         import matplotlib.pyplot as plt
-        losses, lrs = self.losses, self.lrs[pgid] if self.lrs else []
-        n = len(losses) - skip_last
+        lrs, losses = _sweep_points(self._lrs_of(pgid), self.losses, skip_last)
         fig, ax = plt.subplots()
-        ax.plot(lrs[:n], losses[:n])
+        ax.plot(lrs, losses, alpha=0.4, label='loss')
+        if len(losses) >= 3:
+            smoothed = smooth_ema(losses)
+            ax.plot(lrs, smoothed, label='smoothed loss')
+            best = _steepest(smoothed)
+            ax.plot([lrs[best]], [smoothed[best]], 'ro', label=f'suggested lr {lrs[best]:.2e}')
+            ax.legend()
         ax.set_xscale('log')
         ax.set_xlabel('learning rate')
         ax.set_ylabel('loss')
