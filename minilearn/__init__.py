@@ -1,7 +1,11 @@
 """minilearn: a small, fast, fastai-style callback training framework for PyTorch."""
+from functools import partial
+
+from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 from .callbacks.device import CudaCallback, DeviceCallback, default_device
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import MixUp, MixUpLoss
+from .callbacks.loggers import CSVLogger, TensorBoardCallback
 from .callbacks.metrics import AvgStats, AvgStatsCallback, accuracy, format_time
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
@@ -10,8 +14,20 @@ from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_sche
 from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats, normalize_chan, view_tfm
 from .core import camel2snake, listify, to_device
 from .data.core import DataBunch, Dataset, get_dls
+from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
+                            cifar10_databunch, default_data_dir, download_url, mnist_data, mnist_databunch,
+                            read_cifar10, read_idx, read_mnist, untar_data)
+from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Processor, SplitData, get_files,
+                         grandparent_splitter, image_extensions, label_by_func, label_image_folder, open_image,
+                         parent_labeler, random_splitter, split_by_func)
+from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, norm_stats, order_tfms, show_batch,
+                              show_image, to_byte_tensor, to_float_tensor)
+from .serialization import CheckpointError, atomic_write, safe_load
+from .export import Predictor, UnsafeArtifactError, export_learner, load_learner
+from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
 from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
                      SoftTargetCrossEntropy, lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
+from .noisy import LabelIssues, NoisyLabels, add_label_noise, find_label_issues, inject_label_noise
 from .models import (GeneralRelu, Lambda, adapt_model, conv_layer, flatten, get_cnn_layers, get_cnn_model, init_cnn,
                      resnet18_cifar, resnet34_cifar)
 from .learner import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Learner,
@@ -37,7 +53,22 @@ __all__ = [
     'MixUp', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
-    'Dataset', 'DataBunch', 'get_dls',
+    'Dataset', 'DataBunch', 'get_dls', 'image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image',
+    'SplitData', 'split_by_func', 'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor',
+    'LabeledData', 'label_by_func', 'parent_labeler', 'label_image_folder', 'Transform', 'MakeRGB', 'make_rgb',
+    'ResizeFixed', 'to_byte_tensor', 'to_float_tensor', 'order_tfms', 'compose', 'show_image', 'show_batch',
+    'norm_stats', 'URLs', 'DownloadError', 'ChecksumError', 'UnsafeArchiveError', 'default_data_dir',
+    'download_url', 'untar_data', 'read_idx', 'read_mnist', 'read_cifar10', 'CIFAR10_CLASSES', 'cifar10_data',
+    'cifar10_databunch', 'mnist_data', 'mnist_databunch',
+    # label noise
+    'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
+    # reliability
+    'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback', 'TrackerCallback', 'CheckpointError',
+    'safe_load', 'atomic_write',
+    # after training
+    'get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
+    'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_learner',
+    'Predictor', 'UnsafeArtifactError',
     # helpers
-    'listify', 'camel2snake', 'to_device',
+    'listify', 'camel2snake', 'to_device', 'partial',
 ]

@@ -68,6 +68,17 @@ class DataBunch:
     def valid_ds(self) -> Any:
         return None if self.valid_dl is None else self.valid_dl.dataset
 
+    def show_batch(self, n: int = 9, norm: Any = None, valid: bool = False, **kwargs: Any):
+        """A grid of `n` images of one training (or validation) batch titled by class name; returns the figure.
+
+        `norm` (a `(mean, std)` pair, a `Normalize` or a normalization callback) undoes normalization.
+        """
+        from .transforms import show_batch
+        dl = self.valid_dl if valid else self.train_dl
+        if dl is None: raise ValueError("this DataBunch has no validation loader; use show_batch(valid=False)")
+        xb, yb = next(iter(dl))
+        return show_batch(xb, yb, vocab=self.vocab, n=n, norm=norm, **kwargs)
+
     def __repr__(self) -> str:
         n_valid = 0 if self.valid_dl is None else len(self.valid_ds)
         return (f'DataBunch(train: {len(self.train_ds)} items, valid: {n_valid} items, '

@@ -1,0 +1,377 @@
+"""untar_data (download, checks, safe extraction) and the CIFAR-10 / MNIST readers, all without network."""
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from minilearn.data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError,
+                                     cifar10_data, cifar10_databunch, default_data_dir, download_mnist, download_url,
+                                     extract_archive, mnist_data, mnist_databunch, read_cifar10, read_idx,
+                                     read_mnist, untar_data)
+
+
+# ---- archives ----------------------------------------------------------------------------------
+
+def _tar(path: Path, members: list) -> Path:
+    """Write a .tgz from (TarInfo, bytes-or-None) pairs."""
+    with tarfile.open(path, 'w:gz') as tf:
+        for info, data in members:
+            if data is not None: info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes = b'hello') -> tuple:
+    return tarfile.TarInfo(name), data
+
+
+def _dir(name: str) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, None
+
+
+def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.fixture
+def good_archive(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    return _tar(src / 'mini.tgz', [_dir('mini'), _dir('mini/train'), _file('mini/train/a.txt', b'A' * 100),
+                                   _file('mini/valid/b.txt', b'B'), _link('mini/alias.txt', 'train/a.txt')])
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class CountingOpener:
+    """An injected opener serving local bytes, counting calls."""
+
+    def __init__(self, data: bytes, length: int | None = None):
+        self.data, self.length, self.calls = data, length, 0
+
+    def __call__(self, url):
+        self.calls += 1
+        resp = io.BytesIO(self.data)
+        resp.length = len(self.data) if self.length is None else self.length
+        return resp
+
+
+def _tree(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob('*')}
+
+
+def test_good_archive_extracts_once(tmp_path, good_archive):
+    dest = tmp_path / 'data'
+    url = good_archive.as_uri()  # file://
+    folder = untar_data(url, dest=dest, md5=_md5(good_archive), progress=False)
+    assert folder == dest / 'mini'
+    assert (folder / 'train' / 'a.txt').read_bytes() == b'A' * 100  # the single top folder is unwrapped
+    assert (folder / 'valid' / 'b.txt').read_bytes() == b'B'
+    assert (folder / 'alias.txt').is_symlink() and (folder / 'alias.txt').read_bytes() == b'A' * 100
+    assert _tree(dest) == {'mini.tgz', 'mini', 'mini/train', 'mini/train/a.txt', 'mini/valid', 'mini/valid/b.txt',
+                           'mini/alias.txt'}  # no temporary files left
+    (folder / 'marker').write_text('kept')
+    opener = CountingOpener(b'')
+    assert untar_data(url, dest=dest, opener=opener) == folder
+    assert opener.calls == 0 and (folder / 'marker').exists()  # skipped: already extracted
+    again = untar_data(url, dest=dest, md5=_md5(good_archive), force_download=True, progress=False)
+    assert again == folder and not (folder / 'marker').exists()  # force_download replaces the folder
+
+
+def test_injected_opener_and_progress(tmp_path, good_archive):
+    data = good_archive.read_bytes()
+    opener, seen = CountingOpener(data), []
+    folder = untar_data('https://example.com/x/mini.tgz', dest=tmp_path / 'd', md5=_md5(good_archive),
+                        size=len(data), opener=opener, progress=lambda done, total: seen.append((done, total)))
+    assert opener.calls == 1 and (folder / 'train' / 'a.txt').exists()
+    assert seen[-1] == (len(data), len(data))
+
+
+def test_progress_bar_when_asked(tmp_path, capsys):
+    data = b'x' * (3 << 20)
+    download_url('https://e.com/f', tmp_path / 'f', opener=CountingOpener(data), progress=True)
+    assert '[3/3' in capsys.readouterr().out and (tmp_path / 'f').stat().st_size == len(data)
+    download_url('https://e.com/f', tmp_path / 'g', opener=CountingOpener(data))  # not interactive: silent
+    assert capsys.readouterr().out == ''
+
+
+def test_archive_is_extracted_again_without_download_when_folder_missing(tmp_path, good_archive):
+    dest = tmp_path / 'd'
+    untar_data(good_archive.as_uri(), dest=dest, progress=False)
+    import shutil
+    shutil.rmtree(dest / 'mini')
+    opener = CountingOpener(b'')
+    assert (untar_data('https://example.com/mini.tgz', dest=dest, opener=opener) / 'train' / 'a.txt').exists()
+    assert opener.calls == 0
+
+
+def test_url_without_suffix_gets_tgz(tmp_path, good_archive):
+    folder = untar_data(good_archive.as_uri()[:-len('.tgz')], dest=tmp_path / 'd', progress=False)
+    assert folder == tmp_path / 'd' / 'mini' and (tmp_path / 'd' / 'mini.tgz').is_file()
+
+
+def test_default_data_dir_from_environment(tmp_path, monkeypatch, good_archive):
+    monkeypatch.setenv('MINILEARN_DATA', str(tmp_path / 'env'))
+    assert default_data_dir() == tmp_path / 'env'
+    assert untar_data(good_archive.as_uri(), progress=False) == tmp_path / 'env' / 'mini'
+    monkeypatch.delenv('MINILEARN_DATA')
+    assert default_data_dir() == Path.home() / '.minilearn' / 'data'
+
+
+@pytest.mark.parametrize('check', [{'md5': '0' * 32}, {'size': 3}])
+def test_checksum_mismatch_leaves_nothing(tmp_path, good_archive, check):
+    dest = tmp_path / 'data'
+    with pytest.raises(ChecksumError, match='mini.tgz') as info:
+        untar_data(good_archive.as_uri(), dest=dest, progress=False, **check)
+    assert isinstance(info.value, OSError) and 'try again' in str(info.value)
+    assert _tree(dest) == set()  # no partial download, no archive, no folder
+
+
+def test_offline_gives_one_clear_error(tmp_path):
+    def offline(url): raise urllib.error.URLError(OSError(-3, 'Temporary failure in name resolution'))
+    target = tmp_path / 'd'
+    with pytest.raises(DownloadError) as info:
+        untar_data(URLs.IMAGENETTE_160, dest=target, opener=offline)
+    message = str(info.value)
+    assert URLs.IMAGENETTE_160 in message and 'network' in message and str(target / 'imagenette2-160.tgz') in message
+    assert '\n' not in message and info.value.__suppress_context__ and info.value.__cause__ is None
+    assert isinstance(info.value, OSError) and _tree(target) == set()
+    with pytest.raises(DownloadError, match='missing.tgz'):
+        untar_data((tmp_path / 'missing.tgz').as_uri(), dest=target)
+
+    def not_found(url): raise urllib.error.HTTPError(url, 404, 'Not Found', {}, None)
+    with pytest.raises(DownloadError, match='HTTP Error 404: Not Found'):
+        untar_data('https://example.com/gone.tgz', dest=target, opener=not_found)
+    assert _tree(target) == set()
+
+
+def test_incomplete_transfer_is_an_error(tmp_path):
+    opener = CountingOpener(b'abc', length=10)
+    with pytest.raises(DownloadError, match='3 of 10 bytes'):
+        download_url('https://example.com/f.bin', tmp_path / 'f.bin', opener=opener, progress=False)
+    assert _tree(tmp_path) == set()
+
+
+def test_download_url_replaces_atomically(tmp_path):
+    target = tmp_path / 'sub' / 'f.bin'
+    assert download_url('https://e.com/f', target, md5=hashlib.md5(b'xyz').hexdigest(),
+                        opener=CountingOpener(b'xyz'), progress=False) == target
+    assert target.read_bytes() == b'xyz'
+    with pytest.raises(ChecksumError):
+        download_url('https://e.com/f', target, md5='0' * 32, opener=CountingOpener(b'new'), progress=False)
+    assert target.read_bytes() == b'xyz' and _tree(tmp_path) == {'sub', 'sub/f.bin'}  # the old file is untouched
+
+
+UNSAFE = {
+    'parent': [_file('ok.txt'), _file('../x')],
+    'nested-parent': [_file('a/../../x')],
+    'absolute': [_file('/tmp/minilearn-evil')],
+    'windows-absolute': [_file('C:/evil')],
+    'symlink-out': [_link('evil', '../../outside')],
+    'symlink-abs': [_link('evil', '/etc')],
+    'hardlink-out': [_link('evil', '../outside', tarfile.LNKTYPE)],
+    'through-link': [_link('d', '.'), _link('d/e', '..'), _file('d/e/x')],
+    'device': [(lambda i: (setattr(i, 'type', tarfile.CHRTYPE), (i, None))[1])(tarfile.TarInfo('dev'))],
+    'fifo': [(lambda i: (setattr(i, 'type', tarfile.FIFOTYPE), (i, None))[1])(tarfile.TarInfo('pipe'))],
+}
+
+
+@pytest.mark.parametrize('kind', sorted(UNSAFE))
+def test_unsafe_archives_are_refused(tmp_path, kind):
+    src = tmp_path / 'src'
+    src.mkdir()
+    archive = _tar(src / 'evil.tgz', UNSAFE[kind])
+    box = tmp_path / 'box'
+    dest = box / 'data'
+    dest.mkdir(parents=True)
+    before = _tree(tmp_path)
+    with pytest.raises(UnsafeArchiveError, match='refusing to extract'):
+        untar_data(archive.as_uri(), dest=dest, progress=False)
+    assert _tree(tmp_path) - before == {'box/data/evil.tgz'}  # only the download itself; nothing extracted
+    assert not Path('/tmp/minilearn-evil').exists()
+
+
+def test_own_checks_without_tarfile_data_filter(tmp_path, good_archive, monkeypatch):
+    monkeypatch.delattr(tarfile, 'data_filter')  # Pythons before 3.11.4 / 3.12
+    assert (untar_data(good_archive.as_uri(), dest=tmp_path / 'ok', progress=False) / 'train' / 'a.txt').exists()
+    archive = _tar(tmp_path / 'evil.tgz', UNSAFE['symlink-out'])
+    with pytest.raises(UnsafeArchiveError, match="'evil' is a link pointing outside"):
+        extract_archive(archive, tmp_path / 'out' / 'evil')
+    assert not (tmp_path / 'out' / 'evil').exists() and list((tmp_path / 'out').iterdir()) == []
+
+
+def test_not_an_archive(tmp_path):
+    bad = tmp_path / 'bad.tgz'
+    bad.write_bytes(b'not a tar')
+    with pytest.raises(ValueError, match='not a readable tar archive'):
+        extract_archive(bad, tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_known_urls_are_real_addresses():
+    assert URLs.IMAGENETTE_160 == 'https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz'
+    assert URLs.IMAGEWOOF_160 == 'https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-160.tgz'
+    assert URLs.CIFAR10_PYTHON == 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+    assert URLs.MNIST_IDX.startswith('https://') and len(URLs.MNIST_FILES) == 4
+
+
+def test_download_mnist_checks_md5(tmp_path):
+    with pytest.raises(ChecksumError, match='train-images-idx3-ubyte.gz'):
+        download_mnist(tmp_path / 'mnist', opener=CountingOpener(b'fake'), progress=False)
+    assert _tree(tmp_path / 'mnist') == set()
+
+
+# ---- MNIST idx ---------------------------------------------------------------------------------
+
+def _idx(path: Path, arr: np.ndarray, gz: bool = True) -> Path:
+    code = {np.uint8: 0x08, np.int32: 0x0C}[arr.dtype.type]
+    header = bytes([0, 0, code, arr.ndim]) + struct.pack(f'>{arr.ndim}I', *arr.shape)
+    data = header + arr.astype(arr.dtype.newbyteorder('>')).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'mnist'
+    for prefix, n in (('train', 40), ('t10k', 20)):
+        _idx(folder / f'{prefix}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _idx(folder / f'{prefix}-labels-idx1-ubyte.gz', (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def test_read_idx_round_trip(tmp_path):
+    arr = np.arange(24, dtype=np.int32).reshape(2, 3, 4) * 1000
+    assert torch.equal(read_idx(_idx(tmp_path / 'a.gz', arr)), torch.from_numpy(arr))
+    u8 = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert torch.equal(read_idx(_idx(tmp_path / 'b', u8, gz=False)), torch.from_numpy(u8))
+
+
+def test_read_idx_errors_name_the_file(tmp_path):
+    good = _idx(tmp_path / 'c', np.zeros((4, 5), np.uint8), gz=False)
+    good.write_bytes(good.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=r"'.*c' is truncated"):
+        read_idx(good)
+    (tmp_path / 'd').write_bytes(b'\x01\x02\x03\x04rest')
+    with pytest.raises(ValueError, match='not an idx file'):
+        read_idx(tmp_path / 'd')
+    (tmp_path / 'e.gz').write_bytes(b'not gzip')
+    with pytest.raises(OSError, match='e.gz'):
+        read_idx(tmp_path / 'e.gz')
+
+
+def test_read_mnist_and_databunch(mnist_dir):
+    x, y = read_mnist(mnist_dir, 'train')
+    assert x.shape == (40, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert y.tolist() == [i % 10 for i in range(40)]
+    data = mnist_databunch(mnist_dir, bs=8)
+    assert data.vocab == [str(i) for i in range(10)] and (data.c_in, data.c_out) == (1, 10)
+    xb, yb = next(iter(data.valid_dl))
+    assert xb.shape == (16, 1, 28, 28) and xb.dtype == torch.float32
+    expected = read_mnist(mnist_dir, 'test')[0][:16].float().div(255).unsqueeze(1)
+    torch.testing.assert_close(xb, expected)
+    assert yb.tolist() == [i % 10 for i in range(16)]
+
+
+def test_mnist_n_per_class_and_split_test(mnist_dir):
+    sd = mnist_data(mnist_dir, n_per_class=2)
+    assert sd.train.y.items == list(range(10)) * 2 and len(sd.valid) == 20
+    sd = mnist_data(mnist_dir, split_test=0.25)
+    assert (len(sd.train), len(sd.valid)) == (15, 5)
+    test_x, _ = read_mnist(mnist_dir, 'test')
+    assert torch.equal(sd.valid.x.items[:, 0], test_x[15:])
+    for name in ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'): (mnist_dir / name).unlink()
+    assert len(mnist_data(mnist_dir, split_test=0.5).train) == 10  # the test files alone suffice
+    with pytest.raises(FileNotFoundError, match='train-images-idx3-ubyte'):
+        mnist_data(mnist_dir)
+
+
+# ---- CIFAR-10 ----------------------------------------------------------------------------------
+
+def _cifar_batches(folder: Path, n_per_batch: int = 6) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
+    for b, name in enumerate(names):
+        batch = {b'batch_label': name.encode(), b'labels': [(b + i) % 10 for i in range(n_per_batch)],
+                 b'data': rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b'filenames': [f'{name}_{i}.png'.encode() for i in range(n_per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b'label_names': [c.encode() for c in CIFAR10_CLASSES], b'num_cases_per_batch': n_per_batch,
+            b'num_vis': 3072}
+    (folder / 'batches.meta').write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def test_read_cifar10_python_batches(tmp_path):
+    folder = _cifar_batches(tmp_path / 'cifar-10-batches-py')
+    x, y, classes = read_cifar10(tmp_path, 'train')  # the parent folder is found too
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes == list(CIFAR10_CLASSES)
+    first = pickle.loads((folder / 'data_batch_1').read_bytes())
+    row = first[b'data'][2]
+    assert x[2, 0, 0, 0] == row[0] and x[2, 1, 0, 0] == row[1024] and x[2, 2, 31, 31] == row[3071]
+    assert x[2, 0, 1, 5] == row[32 + 5]  # channel-major, then row-major
+    assert y[:6].tolist() == first[b'labels']
+    xt, yt, _ = read_cifar10(folder, 'test')
+    assert xt.shape == (6, 3, 32, 32) and yt.tolist() == [(5 + i) % 10 for i in range(6)]
+
+
+def test_cifar10_databunch_from_batches(tmp_path):
+    _cifar_batches(tmp_path / 'c')
+    sd = cifar10_data(tmp_path / 'c', n_per_class=2)
+    train_y = read_cifar10(tmp_path / 'c')[1]
+    expected = [i for i in range(30) if (train_y[:i] == train_y[i]).sum() < 2]
+    assert sd.train.y.items == train_y[expected].tolist()
+    data = cifar10_databunch(tmp_path / 'c', bs=4)
+    assert data.vocab == list(CIFAR10_CLASSES) and (data.c_in, data.c_out) == (3, 10)
+    xb, yb = next(iter(data.valid_dl))
+    assert xb.shape == (6, 3, 32, 32) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+    assert 0 <= xb.min() and xb.max() <= 1
+
+
+def test_cifar_batches_never_run_code(tmp_path):
+    folder = _cifar_batches(tmp_path / 'c')
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path / "pwned"}',))
+    (folder / 'data_batch_3').write_bytes(pickle.dumps({b'data': Evil()}, protocol=2))
+    with pytest.raises(OSError, match='data_batch_3'):
+        read_cifar10(folder)
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_cifar10_image_folder_layout(tmp_path):
+    root = tmp_path / 'cifar10'
+    for split, n in (('train', 3), ('test', 2)):
+        for c, cls in enumerate(CIFAR10_CLASSES[:4]):
+            for i in range(n):
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                PIL.Image.new('RGB', (32, 32), (c * 60, i * 40, 0)).save(root / split / cls / f'{i:04d}.jpg')
+    sd = cifar10_data(root, n_per_class=2)
+    assert len(sd.train) == 8 and len(sd.valid) == 8
+    assert sd.train.proc_y.vocab == list(CIFAR10_CLASSES[:4])
+    assert [f.name for f in sd.train.x.items[:2]] == ['0000.jpg', '0001.jpg']
+    data = cifar10_databunch(root, bs=4)
+    xb, yb = next(iter(data.valid_dl))
+    assert xb.shape == (8, 3, 32, 32) and yb.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(FileNotFoundError, match='neither CIFAR-10 python batches'):
+        cifar10_data(tmp_path)
