@@ -10,7 +10,7 @@ from torch import nn
 
 from .core import unwrap_loss
 
-__all__ = ['is_class_index_loss', 'check_batch']
+__all__ = ['is_class_index_loss', 'check_batch', 'check_dataset_targets']
 
 _CLASS_INDEX_FUNCS = (F.cross_entropy, F.nll_loss)
 _CLASS_INDEX_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -48,13 +48,54 @@ def check_batch(pred: Any, yb: Any, loss_func: Any) -> None:
                          f"{name} expects class indices of shape {expected}")
     n_classes = pred.shape[1]
     ignore_index = getattr(unwrap_loss(loss_func), 'ignore_index', -100)
-    counted = yb[yb != ignore_index]
+    _check_range(yb, n_classes, ignore_index, where='')
+
+
+def _check_range(targets: torch.Tensor, n_classes: int, ignore_index: int, where: str) -> None:
+    counted = targets[targets != ignore_index]
     if counted.numel() == 0: return
     low, high = int(counted.min()), int(counted.max())
     if low < 0:
-        raise ValueError(f"target class index {low} is negative; class indices must lie in [0, {n_classes}) "
+        raise ValueError(f"target class index {low}{where} is negative; class indices must lie in [0, {n_classes}) "
                          f"(ignore_index={ignore_index} excepted)")
     if high >= n_classes:
-        raise ValueError(f"target class index {high} is out of range for a model with {n_classes} outputs: "
+        raise ValueError(f"target class index {high}{where} is out of range for a model with {n_classes} outputs: "
                          f"indices must lie in [0, {n_classes}). Give the last layer at least {high + 1} outputs "
                          f"(data.c_out) or fix the labels")
+
+
+def _stored_targets(dataset: Any) -> torch.Tensor | None:
+    """The class indices a dataset keeps in memory, for datasets known to return them unchanged, else None.
+
+    minilearn's Dataset (`y`) and labelled item lists (`y.items`), torchvision's datasets (`targets`) without
+    a target transform; any other dataset (or a subclass with its own `__getitem__`) may map its labels.
+    """
+    from .data.core import Dataset
+    from .data.items import LabeledData
+    getitem = type(dataset).__getitem__ if dataset is not None else None
+    if isinstance(dataset, Dataset) and getitem is Dataset.__getitem__: targets = dataset.y
+    elif isinstance(dataset, LabeledData) and getitem is LabeledData.__getitem__ and not getattr(dataset.y, 'tfms', 1):
+        targets = getattr(dataset.y, 'items', None)
+    elif type(dataset).__module__.startswith('torchvision.datasets') and getattr(dataset, 'target_transform',
+                                                                                  None) is None:
+        targets = getattr(dataset, 'targets', None)
+    else:
+        return None
+    try:
+        targets = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):  # strings, nested lists: not class indices
+        return None
+    usable = (targets.ndim == 1 and not targets.is_floating_point() and not targets.is_complex()
+              and targets.dtype != torch.bool and len(targets) == len(dataset))
+    return targets if usable else None
+
+
+def check_dataset_targets(data: Any, pred: Any, yb: Any, loss_func: Any) -> None:
+    """For classification (N, C) outputs, check every stored label of the training and validation sets at once."""
+    if not (isinstance(pred, torch.Tensor) and isinstance(yb, torch.Tensor) and pred.ndim == 2 and yb.ndim == 1
+            and not yb.is_floating_point() and is_class_index_loss(loss_func)):
+        return
+    ignore_index = getattr(unwrap_loss(loss_func), 'ignore_index', -100)
+    for attr, name in (('train_dl', 'training'), ('valid_dl', 'validation')):
+        targets = _stored_targets(getattr(getattr(data, attr, None), 'dataset', None))
+        if targets is not None: _check_range(targets, pred.shape[1], ignore_index, where=f' (in the {name} set)')

@@ -101,6 +101,19 @@ def _check_lr(lr: Any) -> None:
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
+class _ModelSnapshot:
+    """The model's buffers (BatchNorm statistics...) and train/eval modes, to undo a fit that failed before any step."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in self.buffers: buffer.copy_(saved)
+        for module, training in self.modes: module.training = training
+
+
 def _with_message(exc: BaseException, text: str) -> BaseException:
     """An exception of the same type whose message adds `text`; `exc` itself with a note when its class
     cannot be rebuilt from a message. The caller chains it (`raise new from exc`)."""
@@ -137,7 +150,7 @@ class Learner:
                                 f"has no {name!r}. Build one with DataBunch(train_dl, valid_dl).")
         cb_funcs = listify(cb_funcs)
         for f in cb_funcs:
-            if not callable(f):
+            if not callable(f) or isinstance(f, Callback):
                 raise TypeError(f"cb_funcs entries must be callables that build a callback (a class or a partial), "
                                 f"got {f!r}; pass callback instances through `cbs` instead")
         self.model, self.data, self.loss_func, self.opt_func = model, data, loss_func, opt_func
@@ -161,6 +174,9 @@ class Learner:
 
     def add_cb(self, cb: Callback) -> None:
         """Attach one callback; it becomes reachable as `learn.<cb.name>`."""
+        if isinstance(cb, type):
+            raise TypeError(f"{cb.__name__} is a class, not a callback instance: pass {cb.__name__}() through `cbs`, "
+                            f"or the class itself through `cb_funcs`")
         if not callable(cb) or not hasattr(cb, 'set_runner'):
             raise TypeError(f"{cb!r} is not a callback; callbacks subclass minilearn.Callback "
                             f"(pass a class or partial through `cb_funcs` instead)")
@@ -214,15 +230,18 @@ class Learner:
                 raise new from e
         return skip
 
-    def _after_fit(self) -> None:
+    def _after_fit(self, failure: BaseException | None = None) -> None:
         # Every callback's after_fit runs (each restores what it changed), even when one of them fails.
+        # When fit is already failing (`failure`), that exception propagates unchanged and these are warned.
         first_error = None
         for cb in self._handler_table()['after_fit']:
             try:
                 cb('after_fit')
             except Exception as e:
                 if first_error is None: first_error = e if hasattr(e, '_minilearn_where') else _annotate(e, cb, 'after_fit')
-        if first_error is not None: raise first_error
+        if first_error is None: return
+        if failure is None: raise first_error
+        warnings.warn(f"after_fit also failed while handling {type(failure).__name__}: {first_error!r}", stacklevel=3)
 
     def show_callbacks(self) -> None:
         """Print, per event, the callbacks that handle it in the order they run."""
@@ -250,7 +269,8 @@ class Learner:
         except Exception:
             self.remove_cbs(added)
             raise
-        previous_opt = self.opt
+        previous_opt, model_before = self.opt, _ModelSnapshot(self.model)
+        failure = None
         try:
             if reset_opt or self.opt is None: self.create_opt()
             self.epochs, self.start_epoch, self.loss = epochs, start_epoch, torch.tensor(0.)
@@ -261,12 +281,15 @@ class Learner:
                 self._do_epoch()
         except CancelTrainException:
             self('after_cancel_train')
-        except BaseException:
-            if not self._stepped: self.opt = previous_opt  # failed before any step: leave the learner as it was
+        except BaseException as e:
+            failure = e
+            if not self._stepped:  # failed before any step: leave the learner as it was
+                self.opt = previous_opt
+                model_before.restore()
             raise
         finally:
             try:
-                self._after_fit()
+                self._after_fit(failure)
             finally:
                 self.remove_cbs(cbs)
 
@@ -343,9 +366,10 @@ class Learner:
 
     def _preflight(self) -> None:
         # Once per fit, on the loop's own first batch: catch data/model mismatches before any step.
-        from .checks import check_batch
+        from .checks import check_batch, check_dataset_targets
         self._preflight_pending = False
         check_batch(self.pred, self.yb, self.loss_func)
+        check_dataset_targets(self.data, self.pred, self.yb, self.loss_func)
 
     def backward(self) -> None:
         """Backpropagate the loss (through the mixed-precision scaler when one is set)."""

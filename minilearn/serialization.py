@@ -1,0 +1,314 @@
+"""Checkpoints for exact resume: atomic writes, and loads that never run code from the file.
+
+A checkpoint (`learn.save`) is a dict of plain tensors and containers: `model` (state dict), `opt` (optimizer
+state, None with `with_opt=False`) and `opt_class`, `epoch` (completed epochs: resume with
+`fit(epochs, start_epoch=epoch)`), `n_epochs`, `n_iter`, `callbacks` ({name: state} of every callback with a
+`state_dict`) and `rng` (torch, CUDA, numpy and python generator states). `learn.load` restores all of it,
+the global random generators included, so that the resumed run draws what the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import os
+import pickle
+import pickletools
+import random
+import re
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
+           'is_main_process', 'get_rng_states', 'set_rng_states']
+
+_FORMAT = 'minilearn-checkpoint'
+_VERSION = 1
+_MAX_LISTED = 10
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, is unsafe to read, or does not fit the learner."""
+
+
+# ---- paths and files --------------------------------------------------------------------------------
+def checkpoint_path(learn: Any, path: str | Path) -> Path:
+    """A bare name (no folder, no suffix) means `<learn.path>/<learn.model_dir>/<name>.pth`; a path is kept."""
+    text = os.fspath(path)
+    if not text: raise ValueError("checkpoint path must not be empty")
+    is_bare = ('/' not in text and os.sep not in text and not Path(text).suffix and text not in ('.', '..'))
+    return Path(learn.path) / learn.model_dir / f'{text}.pth' if is_bare else Path(text)
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of an initialised torch.distributed run (they do not write files)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(f)` so that readers see the old file or the complete new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    # Same folder, so os.replace is an atomic rename on the same file system; unique so writers never collide.
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        with open(tmp, 'xb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # Temporaries of earlier writes to `path` by processes that no longer exist (killed mid-save).
+    pattern = re.compile(rf'\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp')
+    for candidate in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+        found = pattern.fullmatch(candidate.name)
+        if found and not _process_alive(int(found.group(1))): candidate.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == 'nt': return True  # os.kill would terminate the process there; keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; not possible everywhere (Windows), where it is skipped.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_load(path: str | Path, map_location: Any = 'cpu') -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, clear errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}" + ('' if path.parent.is_dir() else
+                                f" (the folder {str(path.parent)!r} does not exist)"))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_unpickling_message(path, str(e))) from e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        detail = str(e).split('\n')[0][:200] or type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupted, or not a "
+                              f"PyTorch file ({detail}). Was it completely written and copied? Save it again.") from e
+
+
+def _unpickling_message(path: Path, message: str) -> str:
+    found = re.findall(r'\bGLOBAL ([\w.]+)', message) or _pickled_globals(path)
+    if found:
+        return (f"refusing to load {str(path)!r}: it holds pickled Python objects ({', '.join(found[:3])}), and "
+                f"unpickling them could run arbitrary code. minilearn only loads tensors and plain containers "
+                f"(torch.load(weights_only=True)); checkpoints written by learn.save() are always loadable. "
+                f"If you trust the file completely, convert it yourself with torch.load(..., weights_only=False).")
+    return (f"cannot read checkpoint {str(path)!r}: the file is corrupted or not a PyTorch checkpoint "
+            f"(the safe loader stopped on invalid data). Save it again.")
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The classes/functions a raw pickle file refers to, found by reading its opcodes (nothing is executed)."""
+    names, strings = [], []
+    try:
+        with open(path, 'rb') as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name in ('GLOBAL', 'INST'): names.append(str(arg).replace(' ', '.'))
+                elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2: names.append('.'.join(strings[-2:]))
+                elif isinstance(arg, str): strings.append(arg)
+    except Exception:  # not a pickle (a zip, garbage): report what was found up to there
+        pass
+    return list(dict.fromkeys(names))
+
+
+# ---- random number generators -------------------------------------------------------------------------
+def get_rng_states() -> dict:
+    """The states of torch (CPU and every CUDA device), numpy and python's `random`, as plain tensors/containers."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, mt_state, gauss_next = random.getstate()
+    return {'torch': torch.get_rng_state(),
+            # Not initialised means no CUDA generator was used yet (and initialising would claim every GPU).
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+            'numpy': {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
+            'python': {'version': int(version), 'state': torch.tensor(mt_state, dtype=torch.int64),
+                       'gauss_next': gauss_next}}
+
+
+def _rng_setters(states: dict) -> list[Callable[[], None]]:
+    # Converted (and so checked) up front; calling the setters cannot fail halfway.
+    setters = [lambda: torch.set_rng_state(states['torch'])]
+    cuda_states = states.get('cuda') or []
+    if cuda_states and torch.cuda.is_available():
+        usable = cuda_states[:torch.cuda.device_count()]
+        setters.append(lambda: [torch.cuda.set_rng_state(s, i) for i, s in enumerate(usable)])
+    np_state = states['numpy']
+    np_tuple = (np_state['kind'], np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                np_state['has_gauss'], np_state['cached_gaussian'])
+    py_state = states['python']
+    py_tuple = (py_state['version'], tuple(int(v) for v in py_state['state'].tolist()), py_state['gauss_next'])
+    setters += [lambda: np.random.set_state(np_tuple), lambda: random.setstate(py_tuple)]
+    return setters
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore the generators saved by `get_rng_states` (CUDA only where available)."""
+    for setter in _rng_setters(states): setter()
+
+
+# ---- save ---------------------------------------------------------------------------------------------
+def _bare_model(model: nn.Module) -> nn.Module:
+    """The user's module behind DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
+
+
+def _stateful_callbacks(learn: Any) -> dict[str, Any]:
+    return {cb.name: cb for cb in learn.cbs if callable(getattr(cb, 'state_dict', None))}
+
+
+def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:
+    """Write model, optimizer, counters, callback and RNG states atomically (rank 0 only); returns the path."""
+    path = checkpoint_path(learn, path)
+    if not is_main_process(): return path
+    opt = learn.opt if with_opt else None
+    state = {'format': _FORMAT, 'version': _VERSION,
+             'model': _bare_model(learn.model).state_dict(),
+             'opt': None if opt is None else opt.state_dict(),
+             'opt_class': None if opt is None else type(opt).__name__,
+             'epoch': int(learn.n_epochs), 'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
+             'callbacks': {name: cb.state_dict() for name, cb in _stateful_callbacks(learn).items()},
+             'rng': get_rng_states()}
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+def _listed(items: list[str]) -> str:
+    shown = ', '.join(items[:_MAX_LISTED])
+    return shown + (f' (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else '')
+
+
+def _check_model_state(model: nn.Module, state: Any, strict: bool, path: Path) -> None:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no valid model state (a dict of tensors)")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}'
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if strict and missing: problems.append(f"missing keys (in the model, not in the file): {_listed(missing)}")
+    if strict and unexpected: problems.append(f"unexpected keys (in the file, not in the model): {_listed(unexpected)}")
+    if mismatched: problems.append(f"shape mismatches: {_listed(mismatched)}")
+    if problems:
+        hint = ("Build the learner with the model architecture the checkpoint was saved from"
+                + (", or pass strict=False to load only the matching keys." if not mismatched else "."))
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model ({type(model).__name__}); "
+                              f"the learner is unchanged. " + '; '.join(problems) + '. ' + hint)
+
+
+def _check_format(ckpt: Any, path: Path) -> None:
+    if not isinstance(ckpt, dict) or ckpt.get('format') != _FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a minilearn checkpoint written by learn.save() (for a bare "
+                              f"state_dict use learn.model.load_state_dict(torch.load(path, weights_only=True)))")
+    if ckpt.get('version', 0) > _VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}, newer than this "
+                              f"minilearn reads ({_VERSION}); upgrade minilearn")
+
+
+def _optimizer_to_load(learn: Any, ckpt: dict, with_opt: bool, path: Path) -> dict | None:
+    if not with_opt: return None
+    if ckpt.get('opt') is None:
+        warnings.warn(f"checkpoint {str(path)!r} holds no optimizer state (saved with with_opt=False); "
+                      f"the optimizer is left as it is", stacklevel=4)
+        return None
+    opt_class = type(learn.opt).__name__ if learn.opt is not None else _class_name(learn.opt_func)
+    if opt_class is not None and opt_class != ckpt['opt_class']:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds the state of a {ckpt['opt_class']} optimizer, this "
+                              f"learner uses {opt_class}; use the same opt_func, or load with with_opt=False")
+    return ckpt['opt']
+
+
+def _class_name(opt_func: Any) -> str | None:
+    while isinstance(opt_func, functools.partial): opt_func = opt_func.func
+    return opt_func.__name__ if isinstance(opt_func, type) else None  # a factory function: checked by loading
+
+
+def _rng_to_restore(ckpt: dict, path: Path) -> list[Callable[[], None]]:
+    if not ckpt.get('rng'): return []
+    try:
+        return _rng_setters(ckpt['rng'])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed random-generator states ({e!r})") from e
+
+
+def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
+    """Restore a checkpoint written by `save_learner`; everything is checked first, so on error nothing changed."""
+    path = checkpoint_path(learn, path)
+    ckpt = safe_load(path)
+    _check_format(ckpt, path)
+    model = _bare_model(learn.model)
+    _check_model_state(model, ckpt['model'], strict, path)
+    opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
+    rng_setters = _rng_to_restore(ckpt, path)
+    stateful = _stateful_callbacks(learn)
+    cb_states = {}
+    for name, state in ckpt.get('callbacks', {}).items():
+        if callable(getattr(stateful.get(name), 'load_state_dict', None)): cb_states[name] = state
+        else: warnings.warn(f"checkpoint {str(path)!r} holds state for a callback {name!r} this learner does not "
+                            f"have; skipped", stacklevel=3)
+    _apply(learn, opt_state, {stateful[n]: s for n, s in cb_states.items()})
+    # Checked above, so these cannot fail: shapes and keys match, the RNG states are converted.
+    model.load_state_dict(ckpt['model'], strict=strict)
+    learn.n_epochs, learn.n_iter = float(ckpt.get('n_epochs', 0.)), int(ckpt.get('n_iter', 0))
+    for setter in rng_setters: setter()
+
+
+def _apply(learn: Any, opt_state: dict | None, cb_states: dict) -> None:
+    # Optimizer and callback states are loaded with their old state kept aside, put back if any load fails.
+    previous_opt = learn.opt
+    previous_opt_state = previous_opt.state_dict() if previous_opt is not None and opt_state is not None else None
+    done = []
+    try:
+        if opt_state is not None:
+            if learn.opt is None: learn.create_opt()
+            learn.opt.load_state_dict(opt_state)
+        for cb, state in cb_states.items():
+            done.append((cb, cb.state_dict()))
+            cb.load_state_dict(state)
+    except Exception as e:
+        for cb, old in reversed(done):
+            with contextlib.suppress(Exception):  # the failing callback may refuse its own state too
+                cb.load_state_dict(old)
+        learn.opt = previous_opt
+        if previous_opt_state is not None: previous_opt.load_state_dict(previous_opt_state)
+        raise CheckpointError(f"could not restore the optimizer or callback state from the checkpoint: {e}; "
+                              f"the learner is unchanged") from e
