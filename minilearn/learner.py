@@ -205,11 +205,13 @@ class Learner:
 
     def _handler_table(self) -> dict[str, list[Callback]]:
         # Which callbacks handle which event, in `_order` (stable for ties); callbacks that override
-        # `__call__` (like the course's DebugCallback) receive every event.
+        # `__call__` (like the course's DebugCallback) receive every event. `after_fit` runs in reverse
+        # order, so the swaps callbacks made at begin_fit unwind like nested `with` blocks.
         if self._handlers is None:
             ordered = sorted(self.cbs, key=lambda cb: cb._order)
             self._handlers = {e: [cb for cb in ordered if type(cb).__call__ is not Callback.__call__
                                   or callable(getattr(type(cb), e, None)) or e in vars(cb)] for e in EVENTS}
+            self._handlers['after_fit'].reverse()
         return self._handlers
 
     def __call__(self, event_name: str) -> bool:

@@ -314,3 +314,22 @@ def test_logger_is_print_by_default_and_can_be_replaced(capsys):
 
     learn.fit(2, cbs=[Log()])
     assert lines == ['epoch 0', 'epoch 1'] and learn.logger is print
+
+
+def test_after_fit_runs_in_reverse_order_so_nested_swaps_unwind():
+    class Swap(Callback):
+        def __init__(self, order): self._order = order
+        @property
+        def name(self): return f'swap_{self._order}'
+        def begin_fit(self):
+            self.saved = self.run.loss_func
+            self.run.loss_func = lambda pred, yb, inner=self.saved: inner(pred, yb)
+        def after_fit(self): self.run.loss_func = self.saved
+
+    learn = make_learner([Swap(0), Swap(90)])
+    original = learn.loss_func
+    learn.fit(1)
+    assert learn.loss_func is original
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(1, cbs=[RaiseAt('after_batch', KeyboardInterrupt)])
+    assert learn.loss_func is original
