@@ -23,6 +23,7 @@ from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Pr
 from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, norm_stats, order_tfms, show_batch,
                               show_image, to_byte_tensor, to_float_tensor)
 from .serialization import CheckpointError, atomic_write, safe_load
+from .datasets import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
 from .export import Predictor, UnsafeArtifactError, export_learner, load_learner
 from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
 from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
@@ -60,6 +61,7 @@ __all__ = [
     'norm_stats', 'URLs', 'DownloadError', 'ChecksumError', 'UnsafeArchiveError', 'default_data_dir',
     'download_url', 'untar_data', 'read_idx', 'read_mnist', 'read_cifar10', 'CIFAR10_CLASSES', 'cifar10_data',
     'cifar10_databunch', 'mnist_data', 'mnist_databunch',
+    'SHAPE_NAMES', 'make_shapes', 'ShapesDataset', 'shapes_datasets', 'shapes_databunch', 'save_shapes_folder',
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
     # reliability

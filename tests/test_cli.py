@@ -1,0 +1,225 @@
+"""`minilearn train`: outputs, options wired to the right pieces, one-line errors, `python -m minilearn`."""
+import gzip
+import json
+import math
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from minilearn import cli
+from minilearn.cli import build_learner, build_parser, main
+from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
+
+TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
+OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--workers', '--arch', '--epochs', '--bs', '--lr',
+           '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
+           '--quiet', '--threads']
+
+
+def _metrics(out):
+    return json.loads((out / 'metrics.json').read_text())
+
+
+def _args(*argv):
+    return build_parser().parse_args(['train', *argv])
+
+
+def test_default_job_writes_plots_checkpoint_and_metrics(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert main(['train', '--epochs', '2', '--n-per-class', '20', '--out', str(out)]) == 0
+    printed = capsys.readouterr()
+    assert 'valid_accuracy' in printed.out  # the per-epoch table (plain rows: stdout is not a terminal)
+    assert 'minilearn train: valid accuracy' in printed.out and 'Traceback' not in printed.err
+    for name in ('loss.png', 'lr.png'):
+        assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    metrics = _metrics(out)
+    assert len(metrics['history']) == 2 and [row['epoch'] for row in metrics['history']] == [0, 1]
+    final = metrics['history'][-1]
+    assert metrics['accuracy'] == final['valid_accuracy'] == metrics['final']['valid_accuracy']
+    assert 0 <= metrics['accuracy'] <= 1 and metrics['chance_accuracy'] == pytest.approx(0.1)
+    assert math.isfinite(final['train_loss']) and math.isfinite(final['valid_loss'])
+    assert f"{metrics['accuracy']:.1%}" in printed.out  # the summary shows the final accuracy
+    assert metrics['data'] == {'source': 'shapes', 'path': None, 'n_train': 200, 'n_valid': 100, 'n_classes': 10,
+                               'vocab': list(SHAPE_NAMES[:10])}
+    assert metrics['args']['epochs'] == 2 and metrics['args']['out'] == str(out)
+    assert metrics['versions']['torch'] == torch.__version__ and metrics['device'] == 'cpu'
+    assert metrics['lr']['first'] == metrics['lr']['last'] == cli.DEFAULT_LR  # constant lr without --one-cycle
+    assert metrics['time_s']['fit'] > 0
+    # the checkpoint holds the trained model, loadable safely into the same architecture
+    from minilearn.serialization import safe_load
+    checkpoint = safe_load(out / 'model.pth')
+    learn, _ = build_learner(_args('--n-per-class', '20', '--out', str(tmp_path / 'other')))
+    learn.model.load_state_dict(checkpoint['model'])
+    assert sum(p.numel() for p in learn.model.parameters()) == metrics['model']['n_params']
+    assert checkpoint['n_iter'] == 2 * math.ceil(200 / cli.DEFAULT_BS)
+
+
+def test_same_seed_same_run(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name in ('a', 'b'):
+            assert main(['train', *TINY, '--quiet', '--seed', '4', '--out', str(tmp_path / name)]) == 0
+            assert torch.get_num_threads() == 2  # the run's --threads 1 is undone afterwards
+    finally:
+        torch.set_num_threads(threads)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
+    assert strip(_metrics(tmp_path / 'a')['history']) == strip(_metrics(tmp_path / 'b')['history'])
+
+
+def test_options_build_the_documented_pieces(tmp_path):
+    from minilearn.callbacks.mixup import MixUp
+    from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
+    out = ['--out', str(tmp_path)]
+    learn, _ = build_learner(_args('--n-per-class', '5', *out))
+    assert isinstance(learn.loss_func, torch.nn.CrossEntropyLoss) and not hasattr(learn, 'mix_up')
+    assert learn.opt_func.keywords == {'momentum': 0.9, 'weight_decay': 5e-4}
+    learn, _ = build_learner(_args('--n-per-class', '5', '--label-smoothing', '0.2', '--mixup', '0.4', *out))
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropy) and learn.loss_func.eps == 0.2
+    assert isinstance(learn.mix_up, MixUp) and learn.mix_up.alpha == 0.4 and learn.mix_up.per_sample
+    learn, _ = build_learner(_args('--n-per-class', '5', '--loss', 'ls', '--mixup', '0.2', '--mixup-batch', *out))
+    assert learn.loss_func.eps == 0.1 and not learn.mix_up.per_sample
+    learn, _ = build_learner(_args('--n-per-class', '5', '--loss', 'soft-boot', *out))
+    assert isinstance(learn.loss_func, SoftBootstrappingLoss)
+    learn, _ = build_learner(_args('--n-per-class', '5', '--loss', 'hard-boot', '--arch', 'resnet18', *out))
+    assert isinstance(learn.loss_func, HardBootstrappingLoss)
+    assert learn.model[-1].out_features == 10 and sum(p.numel() for p in learn.model.parameters()) > 10 ** 6
+
+
+def test_label_noise_only_on_training_labels(tmp_path):
+    learn, report = build_learner(_args('--n-per-class', '10', '--noise', '0.5', '--out', str(tmp_path)))
+    train_ds = learn.data.train_ds
+    changed = train_ds.y != train_ds.clean_targets
+    assert report['noise']['n_redrawn'] == 50 and report['noise']['n_changed'] == int(changed.sum())
+    assert 30 < int(changed.sum()) <= 50  # about 9 in 10 redrawn labels land on another class
+    clean, _ = build_learner(_args('--n-per-class', '10', '--out', str(tmp_path)))
+    assert torch.equal(clean.data.train_ds.y, train_ds.clean_targets)
+    assert torch.equal(clean.data.valid_ds.y, learn.data.valid_ds.y)
+
+
+def test_one_cycle_mixup_and_smoothing_train(tmp_path, capsys):
+    out = tmp_path / 'out'
+    argv = ['train', '--epochs', '1', '--n-per-class', '12', '--bs', '8', '--quiet', '--one-cycle', '--lr', '0.05',
+            '--mixup', '0.4', '--label-smoothing', '0.1', '--out', str(out)]
+    assert main(argv) == 0
+    lr = _metrics(out)['lr']  # one cycle over 15 batches: warm up from lr/25 to about lr, then anneal
+    assert lr['first'] == pytest.approx(0.05 / 25) and 0.04 < lr['max'] <= 0.05 and lr['last'] < lr['max'] / 10
+    assert capsys.readouterr().out.splitlines()[0].startswith('minilearn train: valid accuracy')  # --quiet: no table
+
+
+def test_image_folder_data(tmp_path):
+    root = save_shapes_folder(tmp_path / 'shapes', n_per_class=6, n_valid_per_class=2, n_classes=3, size=16)
+    out = tmp_path / 'out'
+    assert main(['train', '--data', str(root), '--size', '16', '--n-per-class', '4', '--epochs', '1', '--quiet',
+                 '--noise', '0.5', '--out', str(out)]) == 0
+    metrics = _metrics(out)
+    data = metrics['data']
+    assert data['source'] == 'image-folder' and data['path'] == str(root)
+    assert data['n_train'] == 12 and data['n_valid'] == 6 and data['vocab'] == sorted(SHAPE_NAMES[:3])
+    assert metrics['noise']['n_redrawn'] == 6
+    learn, _ = build_learner(_args('--data', str(root), '--size', '16', '--noise', '0.5', '--out', str(out)))
+    train_ds = learn.data.train_ds  # labelled item list: noisy y, clean labels kept aside
+    assert sum(a != b for a, b in zip(train_ds.y.items, train_ds.clean_targets)) == int(train_ds.noise_mask.sum())
+    assert learn.data.valid_ds.y.items == [learn.data.vocab.index(p.parent.name) for p in learn.data.valid_ds.x.items]
+
+
+def _write_idx(path, array, dtype_code=0x08):
+    header = struct.pack('>BBBB', 0, 0, dtype_code, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+    with gzip.open(path, 'wb') as f: f.write(header + array.astype('>u1').tobytes())
+
+
+def test_mnist_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (40, 28, 28)))
+    _write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.arange(40) % 10)
+    out = tmp_path / 'out'
+    assert main(['train', '--data', str(tmp_path), '--epochs', '1', '--quiet', '--out', str(out)]) == 0
+    metrics = _metrics(out)
+    assert metrics['data']['source'] == 'mnist' and metrics['data']['n_train'] == 32  # t10k only: 80/20 split
+    learn, _ = build_learner(_args('--data', str(tmp_path), '--out', str(out)))
+    assert learn.data.c_in == 1 and learn.model[0][0].in_channels == 1
+
+
+def test_cifar10_python_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {b'data': rng.integers(0, 256, (10, 3072), dtype=np.uint8), b'labels': list(range(10))}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    out = tmp_path / 'out'
+    assert main(['train', '--data', str(tmp_path), '--n-per-class', '3', '--epochs', '1', '--quiet',
+                 '--out', str(out)]) == 0
+    data = _metrics(out)['data']
+    assert data['source'] == 'cifar10' and data['n_train'] == 30 and data['n_valid'] == 10
+
+
+def test_help_lists_every_option(capsys):
+    assert main(['train', '--help']) == 0
+    text = capsys.readouterr().out
+    for option in OPTIONS: assert option in text, option
+    assert main(['--help']) == 0 and 'train' in capsys.readouterr().out
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith('minilearn: error: the following arguments are required')
+
+
+def _bad_folder(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'a_file').write_text('x')
+    root = save_shapes_folder(tmp_path / 'unknown', n_per_class=1, n_valid_per_class=1, n_classes=2, size=8)
+    (root / 'val' / 'circle').rename(root / 'val' / 'hexagon')  # a validation class never seen in training
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--epochs', '0'], 'argument --epochs: expected a positive integer'),
+    (['--bs', 'many'], 'argument --bs'),
+    (['--lr', '-1'], 'argument --lr: expected a number > 0'),
+    (['--lr', 'nan'], 'argument --lr: expected a finite number'),
+    (['--noise', '1.5'], 'argument --noise: expected a ratio in [0, 1]'),
+    (['--label-smoothing', '1'], 'argument --label-smoothing'),
+    (['--mixup', '0'], 'argument --mixup'),
+    (['--loss', 'mse'], 'argument --loss: invalid choice'),
+    (['--arch', 'vgg'], 'argument --arch: invalid choice'),
+    (['--bogus', '3'], 'unrecognized arguments: --bogus 3'),
+    (['--mixup-batch'], '--mixup-batch needs --mixup'),
+    (['--label-smoothing', '0.1', '--loss', 'hard-boot'], '--label-smoothing goes with --loss ls'),
+    (['--device', 'nowhere'], "--device 'nowhere': not a device name"),
+    (['--data', '{tmp}/missing'], 'no such folder'),
+    (['--data', '{tmp}/a_file'], 'not a folder'),
+    (['--data', '{tmp}/empty'], 'expected an image folder tree'),
+    (['--data', '{tmp}/unknown'], "label(s) ['hexagon'] not in the vocab"),
+])
+def test_bad_options_give_one_line(tmp_path, capsys, argv, message):
+    _bad_folder(tmp_path)
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    assert main(['train', *argv, '--out', str(tmp_path / 'out')]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('minilearn train: error: ') and message in lines[0], captured.err
+    assert 'Traceback' not in captured.err and captured.out == ''
+    assert not (tmp_path / 'out').exists()  # nothing written
+
+
+def test_cuda_device_refused_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available(): pytest.skip('CUDA is available here')
+    assert main(['train', '--device', 'cuda', '--out', str(tmp_path)]) == 2
+    assert 'CUDA is not available' in capsys.readouterr().err
+
+
+def test_interrupt_is_one_line(tmp_path, capsys, monkeypatch):
+    from minilearn.learner import Learner
+
+    def interrupted(self, *args, **kwargs): raise KeyboardInterrupt
+    monkeypatch.setattr(Learner, 'fit', interrupted)
+    assert main(['train', *TINY, '--quiet', '--out', str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == 'minilearn train: interrupted'
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, '-m', 'minilearn', 'train', '--help'], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('usage: minilearn train') and '--mixup-batch' in result.stdout
