@@ -95,10 +95,11 @@ def param_getter(model: nn.Module) -> Iterable[nn.Parameter]:
 
 
 def _check_lr(lr: Any) -> None:
-    values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(lr, (list, tuple)):
+        raise ValueError(f"lr must be one positive number, got {lr!r}; for one rate per parameter group use "
+                         f"fit_one_cycle(max_lr=[...]) or a ParamScheduler per group")
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
 class _ModelSnapshot:
@@ -117,11 +118,14 @@ class _ModelSnapshot:
 def _with_message(exc: BaseException, text: str) -> BaseException:
     """An exception of the same type whose message adds `text`; `exc` itself with a note when its class
     cannot be rebuilt from a message. The caller chains it (`raise new from exc`)."""
-    try:
-        new = type(exc)(f"{exc} [{text}]")
-        ok = type(new) is type(exc) and text in str(new)
-    except Exception:
-        ok = False
+    ok = False
+    if len(exc.args) == 1 and isinstance(exc.args[0], str) and not isinstance(exc, OSError):
+        try:
+            new = type(exc)(f"{exc} [{text}]")
+            new.__dict__.update(exc.__dict__)  # keep any attributes the exception carries
+            ok = type(new) is type(exc) and text in str(new)
+        except Exception:
+            ok = False
     if not ok:
         if hasattr(exc, 'add_note'): exc.add_note(text)
         new = exc
@@ -153,6 +157,10 @@ class Learner:
             if not callable(f) or isinstance(f, Callback):
                 raise TypeError(f"cb_funcs entries must be callables that build a callback (a class or a partial), "
                                 f"got {f!r}; pass callback instances through `cbs` instead")
+        if isinstance(opt_func, torch.optim.Optimizer) or not callable(opt_func):
+            raise TypeError(f"opt_func must build the optimizer (a class such as torch.optim.SGD, or "
+                            f"partial(torch.optim.Adam, betas=...)), got {opt_func!r}; the learner creates it as "
+                            f"opt_func(params, lr=lr) on the first fit")
         self.model, self.data, self.loss_func, self.opt_func = model, data, loss_func, opt_func
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
@@ -163,6 +171,7 @@ class Learner:
         self.n_epochs = 0.
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
+        self._preflight_pending = self._stepped = False
         self.add_cb(TrainEvalCallback())
         self.add_cbs(cbs)
         self.add_cbs(f() for f in cb_funcs)
@@ -180,6 +189,10 @@ class Learner:
         if not callable(cb) or not hasattr(cb, 'set_runner'):
             raise TypeError(f"{cb!r} is not a callback; callbacks subclass minilearn.Callback "
                             f"(pass a class or partial through `cb_funcs` instead)")
+        other = cb.__dict__.get('run')
+        if other is not None and other is not self and cb in getattr(other, 'cbs', ()):
+            raise ValueError(f"{type(cb).__name__} is already attached to another Learner: build a new instance "
+                             f"(or pass its class through `cb_funcs`), or remove it there first (remove_cbs)")
         name = cb.name
         if any(c.name == name for c in self.cbs):
             raise ValueError(f"a callback named {name!r} is already attached ({getattr(self, name)!r}); "
@@ -272,11 +285,11 @@ class Learner:
             self.remove_cbs(added)
             raise
         previous_opt, model_before = self.opt, _ModelSnapshot(self.model)
-        failure = None
+        failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
             self.epochs, self.start_epoch, self.loss = epochs, start_epoch, torch.tensor(0.)
-            self._preflight_pending, self._stepped = True, False
+            self._preflight_pending = True
             self('begin_fit')
             for epoch in range(start_epoch, epochs):
                 self.epoch = epoch
@@ -294,6 +307,12 @@ class Learner:
                 self._after_fit(failure)
             finally:
                 self.remove_cbs(cbs)
+                self._release_batch()
+
+    def _release_batch(self) -> None:
+        # Keep the last batch's values for inspection, but not its autograd graph.
+        if isinstance(self.pred, torch.Tensor): self.pred = self.pred.detach()
+        if isinstance(self.loss, torch.Tensor): self.loss = self.loss.detach()
 
     def _check_fit_args(self, epochs: Any, start_epoch: Any) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int):
@@ -309,24 +328,31 @@ class Learner:
         if n == 0:
             raise ValueError("the training DataLoader is empty: check the dataset is not empty and that "
                              "drop_last=True does not drop every batch (batch size larger than the dataset?)")
+        if self.data.valid_dl is not None:
+            try:
+                len(self.data.valid_dl)
+            except TypeError:
+                raise TypeError("data.valid_dl must have a length (a DataLoader over a map-style dataset), "
+                                "or be None to train without validation") from None
 
     def _do_epoch(self) -> None:
-        self.dl = self.data.train_dl
-        if not self('begin_epoch'): self.all_batches()
+        self._one_pass(self.data.train_dl, 'begin_epoch')
         if self.data.valid_dl is not None:
-            with torch.no_grad():
-                self.dl = self.data.valid_dl
-                if not self('begin_validate'): self.all_batches()
+            with torch.no_grad(): self._one_pass(self.data.valid_dl, 'begin_validate')
         self('after_epoch')
+
+    def _one_pass(self, dl: Any, begin_event: str) -> None:
+        self.dl = dl
+        try:
+            if not self(begin_event): self.all_batches()
+        except CancelEpochException:
+            self('after_cancel_epoch')
 
     def all_batches(self) -> None:
         """Run every batch of `self.dl`."""
         self.iters = len(self.dl)
-        try:
-            for i, batch in enumerate(self.dl):
-                self.one_batch(i, *self._split_batch(batch))
-        except CancelEpochException:
-            self('after_cancel_epoch')
+        for i, batch in enumerate(self.dl):
+            self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod
     def _split_batch(batch: Any) -> tuple[Any, Any]:

@@ -252,3 +252,11 @@ def test_dataset_and_bad_batch_size_errors():
         Dataset(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match='batch size'):
         DataBunch.from_datasets(Dataset(torch.zeros(3), torch.zeros(3)), None, bs=0)
+
+
+def test_device_callback_moves_a_loss_module_with_class_weights():
+    from minilearn.losses import LabelSmoothingCrossEntropy
+    loss = LabelSmoothingCrossEntropy(0.1, weight=torch.tensor([1., 2., 3.], dtype=torch.float64))
+    learn = Learner(mlp(), linear_data(), loss, cbs=[DeviceCallback('cpu')])
+    learn.fit(1)
+    assert loss.weight.device.type == 'cpu' and learn.loss_func is loss

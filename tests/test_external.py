@@ -375,3 +375,11 @@ def test_cifar10_image_folder_layout(tmp_path):
     assert xb.shape == (8, 3, 32, 32) and yb.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     with pytest.raises(FileNotFoundError, match='neither CIFAR-10 python batches'):
         cifar10_data(tmp_path)
+
+
+@pytest.mark.parametrize('url', ['https://example.org/a/..', 'https://example.org/.tgz'])
+def test_untar_data_refuses_urls_that_name_no_folder(tmp_path, url):
+    from minilearn.data.external import untar_data
+    with pytest.raises(ValueError, match='cannot name a dataset folder'):
+        untar_data(url, dest=tmp_path / 'data', opener=lambda u: (_ for _ in ()).throw(AssertionError('no download')))
+    assert not (tmp_path / 'data').exists() or not any((tmp_path / 'data').iterdir())

@@ -38,7 +38,8 @@ def expected_events(epochs, n_train, n_valid):
 
 def make_learner(cbs=None, **kwargs):
     data = kwargs.pop('data', None) or linear_data(n_train=48, n_valid=32, bs=16)  # 3 train, 1 valid batches
-    return Learner(mlp(), data, F.cross_entropy, lr=0.1, cbs=cbs, **kwargs)
+    kwargs.setdefault('lr', 0.1)
+    return Learner(mlp(), data, F.cross_entropy, cbs=cbs, **kwargs)
 
 
 def test_event_order_matches_the_protocol():
@@ -333,3 +334,45 @@ def test_after_fit_runs_in_reverse_order_so_nested_swaps_unwind():
     with pytest.raises(KeyboardInterrupt):
         learn.fit(1, cbs=[RaiseAt('after_batch', KeyboardInterrupt)])
     assert learn.loss_func is original
+
+
+def test_cancel_epoch_raised_in_begin_epoch_skips_the_pass():
+    probe = Probe()
+    learn = make_learner([probe, RaiseAt('begin_epoch', CancelEpochException)])
+    learn.fit(1)
+    assert probe.events[:3] == ['begin_fit', 'begin_epoch', 'after_cancel_epoch']
+    assert probe.events.count('after_step') == 0 and 'begin_validate' in probe.events
+
+
+def test_a_callback_attached_to_another_learner_is_refused():
+    probe = Probe()
+    make_learner([probe])
+    with pytest.raises(ValueError, match='already attached to another Learner'):
+        make_learner([probe])
+
+
+def test_errors_before_the_first_step_surface_unchanged():
+    with pytest.raises(TypeError, match='opt_func must build the optimizer'):
+        make_learner(opt_func=torch.optim.SGD(mlp().parameters(), lr=0.1))
+    with pytest.raises(ValueError, match='lr must be one positive number'):
+        make_learner(lr=[0.1, 0.01])
+    learn = make_learner(splitter=lambda m: [m[0], m[2]])  # modules, not parameters
+    with pytest.raises(TypeError) as info:
+        learn.fit(1)
+    assert '_stepped' not in str(info.value)
+
+
+def test_callback_errors_keep_the_exception_attributes():
+    class Missing(Callback):
+        def begin_fit(self): raise FileNotFoundError(2, 'No such file', 'data.csv')
+
+    with pytest.raises(FileNotFoundError) as info:
+        make_learner([Missing()]).fit(1)
+    assert info.value.errno == 2 and info.value.filename == 'data.csv'
+    assert any('missing' in note for note in getattr(info.value, '__notes__', []))
+
+
+def test_fit_keeps_the_last_batch_values_but_not_its_graph():
+    learn = make_learner()
+    learn.fit(1)
+    assert learn.loss.grad_fn is None and learn.pred.grad_fn is None and learn.xb is not None

@@ -97,3 +97,13 @@ def test_recorder_state_dict_round_trips_through_a_weights_only_load():
     copy.load_state_dict(torch.load(buffer, weights_only=True))
     assert copy.hypers == rec.hypers and copy.losses == rec.losses
     assert copy.suggest_lr() == rec.suggest_lr()
+
+
+def test_recorder_joins_loaded_history_with_new_losses_on_another_device():
+    from minilearn.callbacks.recorder import Recorder
+    rec = Recorder()
+    rec.load_state_dict({'hypers': {'lr': [[0.1, 0.1]]}, 'losses': torch.tensor([1.0, 0.5])})
+    rec._losses = [torch.tensor(0.25, dtype=torch.float64)]  # this fit's losses (the device in training)
+    assert rec.losses == [1.0, 0.5, 0.25]
+    state = rec.state_dict()
+    assert state['losses'].device.type == 'cpu' and state['losses'].tolist() == [1.0, 0.5, 0.25]

@@ -5,7 +5,9 @@ import warnings
 
 import torch
 
-from ..core import to_device
+from torch import nn
+
+from ..core import to_device, unwrap_loss
 from ..learner import Callback
 
 __all__ = ['DeviceCallback', 'CudaCallback', 'default_device']
@@ -26,6 +28,8 @@ class DeviceCallback(Callback):
 
     def begin_fit(self) -> None:
         self.run.model.to(self.device)
+        loss_module = unwrap_loss(self.run.loss_func)
+        if isinstance(loss_module, nn.Module): loss_module.to(self.device)  # class weights etc., moved once
         opt = self.run.opt
         if opt is not None:  # state loaded from a checkpoint may still be on another device
             for state in opt.state.values():

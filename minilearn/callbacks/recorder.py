@@ -67,12 +67,13 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.hypers: dict[str, list[list[float]]] = {}
         self._losses: list[torch.Tensor] = []
+        self._loaded_losses = torch.zeros(0)  # history restored from a checkpoint
 
     def begin_fit(self) -> None:
-        if self.run.start_epoch > 0 and self._losses: return  # resuming: keep the loaded record
+        if self.run.start_epoch > 0 and len(self._loaded_losses): return  # resuming: keep the loaded record
         groups = self.run.opt.param_groups
         self.hypers = {name: [[] for _ in groups] for name in _scalar_hypers(groups[0])}
-        self._losses = []
+        self._losses, self._loaded_losses = [], torch.zeros(0)
 
     def after_batch(self) -> None:
         if not self.run.in_train: return
@@ -89,8 +90,12 @@ class Recorder(Callback):
     @property
     def losses(self) -> list[float]:
         """Training loss per batch, as floats (read from the device now)."""
-        if not self._losses: return []
-        return torch.stack([l.float().reshape(()) for l in self._losses]).tolist()
+        return self._loss_tensor().tolist()
+
+    def _loss_tensor(self) -> torch.Tensor:
+        # The loaded history (CPU) and this fit's losses (on the training device), joined on the CPU.
+        recent = torch.stack([l.float().reshape(()) for l in self._losses]).cpu() if self._losses else torch.zeros(0)
+        return torch.cat([self._loaded_losses, recent])
 
     def plot_lr(self, pname: str = 'lr', pgid: int = -1):
         """Plot hyper-parameter `pname` of param group `pgid` against the iteration; returns the figure."""
@@ -120,7 +125,7 @@ class Recorder(Callback):
         return suggest_lr(self._lrs_of(pgid), self.losses, skip_last=skip_last, beta=beta)
 
     def _lrs_of(self, pgid: int) -> list[float]:
-        if not self._losses: raise ValueError("nothing recorded yet: run a fit (or learn.lr_find()) with this Recorder")
+        if not self._losses and not len(self._loaded_losses): raise ValueError("nothing recorded yet: run a fit (or learn.lr_find()) with this Recorder")
         if not self.lrs: raise ValueError("no scalar learning rate recorded (tensor learning rates are not recorded)")
         return self.lrs[pgid]
 
@@ -142,9 +147,10 @@ class Recorder(Callback):
         return fig
 
     def state_dict(self) -> dict:
-        return {'hypers': self.hypers, 'losses': torch.stack(self._losses).float().cpu() if self._losses
-                else torch.zeros(0)}
+        """Recorded hyper-parameters and losses (CPU tensors and lists), for checkpoints."""
+        return {'hypers': self.hypers, 'losses': self._loss_tensor()}
 
     def load_state_dict(self, state: dict) -> None:
         self.hypers = {k: [list(g) for g in v] for k, v in state['hypers'].items()}
-        self._losses = list(state['losses'].unbind(0)) if len(state['losses']) else []
+        """Restore what `state_dict` returned."""
+        self._losses, self._loaded_losses = [], state['losses'].float().cpu().reshape(-1)

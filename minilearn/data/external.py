@@ -319,8 +319,12 @@ def untar_data(url: str, dest: str | Path | None = None, md5: str | None = None,
     """
     if _strip_archive_suffix(_archive_name(url)) is None: url = url + '.tgz'
     archive_name = _archive_name(url)
+    folder_name = _strip_archive_suffix(archive_name)
+    if folder_name in ('', '.', '..') or any(sep in folder_name for sep in '/\\'):
+        raise ValueError(f"cannot name a dataset folder after the archive in {url!r}: it gives {folder_name!r}; "
+                         f"use a URL whose last part is the archive's file name (e.g. .../cifar10.tgz)")
     dest = default_data_dir() if dest is None else Path(dest).expanduser()
-    folder = dest / _strip_archive_suffix(archive_name)
+    folder = dest / folder_name
     if folder.is_dir() and not force_download: return folder
     known_size, known_md5 = _CHECKS.get(url, (None, None))
     md5, size = md5 or known_md5, size if size is not None else known_size

@@ -114,7 +114,7 @@ class ItemList:
         try:
             return compose(x, self.tfms)
         except Exception as e:
-            e.add_note(f"while transforming item {item if not isinstance(item, torch.Tensor) else 'tensor'}")
+            if hasattr(e, 'add_note'): e.add_note(f"while transforming item {item if not isinstance(item, torch.Tensor) else 'tensor'}")
             raise
 
     def __len__(self) -> int:
