@@ -42,6 +42,7 @@ class Callback:
     _order = 0
     run = None
     for_inference = False  # True for batch callbacks that prediction must apply too (device, normalization)
+    run_during_lr_find = True  # False for callbacks whose records or files an LR-finder sweep must not touch
 
     def set_runner(self, run: Learner) -> None:
         """Attach this callback to a learner (`self.run`)."""

@@ -16,6 +16,7 @@ __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'Ter
 class TrackerCallback(Callback):
     """Follows one AvgStats column (`monitor`) epoch by epoch and keeps its best value."""
     _order = 50  # after AvgStatsCallback (0) has written the epoch's row in after_epoch
+    run_during_lr_find = False
 
     def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', min_delta: float = 0.):
         if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")

@@ -93,6 +93,7 @@ class ActivationStats(Callback):
     (values outside are not counted; the default suits ReLU outputs, as in course-v3 nb 06).
     """
     _order = 10
+    run_during_lr_find = False
 
     def __init__(self, modules: Iterable[nn.Module] | Callable[[nn.Module], Iterable[nn.Module]] | None = None,
                  n_bins: int = 40, hist_range: tuple[float, float] = (0., 10.)):

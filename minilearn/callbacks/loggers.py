@@ -34,6 +34,7 @@ class CSVLogger(Callback):
     (`start_epoch > 0`).
     """
     _order = 20  # after AvgStatsCallback has added the epoch's row to its history
+    run_during_lr_find = False
 
     def __init__(self, fname: str | Path = 'history.csv', append: bool = False):
         self.fname, self.append = Path(fname), append
@@ -99,6 +100,7 @@ class TensorBoardCallback(Callback):
     batch). `log_dir` defaults to `learn.path/'runs'`; only rank 0 writes in a distributed run.
     """
     _order = 20  # after AvgStatsCallback has added the epoch's row to its history
+    run_during_lr_find = False
 
     def __init__(self, log_dir: str | Path | None = None):
         self.writer_class = _summary_writer_class()  # fail at construction when tensorboard is missing

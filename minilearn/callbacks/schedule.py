@@ -365,8 +365,12 @@ def lr_find(learn: Any, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float
     except TypeError:
         n_batches = 1  # fit explains the problem
     had_opt = learn.opt is not None
+    # Stats, loggers, checkpoints and telemetry stand aside: the sweep must not touch their records or files.
+    aside = [cb for cb in learn.cbs if not getattr(type(cb), 'run_during_lr_find', True)]
+    learn.remove_cbs(aside)
     try:
         learn.fit(max(1, math.ceil(max_iter / max(n_batches, 1))), cbs=[finder] + listify(cbs))
     finally:
         if not had_opt: learn.opt = None
+        learn.add_cbs(aside)
     return _sweep(recorder, skip_last)
