@@ -216,8 +216,8 @@ def _json_value(v: Any) -> Any:
 
 
 def _settings(learn: Any, sample: torch.Tensor) -> dict:
-    from .inference import normalization_stats
-    stats = normalization_stats(learn)
+    from .callbacks.transforms import norm_stats
+    stats = norm_stats(learn)
     vocab = getattr(learn.data, 'vocab', None)
     item_tfms = getattr(learn.data, 'item_tfms', None)
     if item_tfms is not None:
@@ -276,14 +276,14 @@ def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_k
 
 def _check_fallback(learn: Any, model: nn.Module, arch: str | None, error: BaseException) -> None:
     """Raise when an untraceable model cannot be exported as weights; warn that it will be."""
-    from .inference import normalization_stats
+    from .callbacks.transforms import norm_stats
     if arch is None:
         raise ValueError(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}). Export its weights instead by naming "
                          f"how to rebuild it: minilearn.export.export_learner(learn, path, arch=..., arch_kwargs=...) "
                          f"with arch one of {list(ARCHITECTURES)}, 'torchvision:<name>', or your own name passed to "
                          f"load_learner(path, architectures={{name: builder}})") from error
-    if len(_batch_tfms(learn)) > (normalization_stats(learn) is not None):
+    if len(_batch_tfms(learn)) > (norm_stats(learn) is not None):
         raise ValueError("a state-dict export can only replay normalization as its batch transform; this learner "
                          "has other batch transforms: move those steps into the model") from error
     warnings.warn(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}); exporting its "

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from .callbacks.transforms import norm_stats
 from .checks import is_class_index_loss
 from .core import to_device, unwrap_loss
 from .losses import NoneReduce
 
 __all__ = ['get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
-           'ClassificationInterpretation', 'inference_callbacks', 'normalization_stats', 'item_to_tensor',
+           'ClassificationInterpretation', 'inference_callbacks', 'item_to_tensor',
            'decode_prediction']
 
 
@@ -233,20 +234,6 @@ def predict(learn: Any, item: Any) -> tuple:
 
 
 # ---- showing images -------------------------------------------------------------------------------
-def normalization_stats(learn: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) of the learner's normalization callback (`Normalize` or `partial(normalize_chan, ...)`), or None."""
-    from .callbacks.transforms import BatchTransformXCallback, Normalize, normalize_chan
-    for cb in learn.cbs:
-        tfm = getattr(cb, 'tfm', None) if isinstance(cb, BatchTransformXCallback) else None
-        if isinstance(tfm, Normalize): return tfm.mean.float(), tfm.std.float()
-        if isinstance(tfm, functools.partial) and tfm.func is normalize_chan:
-            named = dict(zip(('mean', 'std'), tfm.args), **tfm.keywords)
-            if 'mean' in named and 'std' in named:
-                return (torch.as_tensor(named['mean'], dtype=torch.float32).flatten().cpu(),
-                        torch.as_tensor(named['std'], dtype=torch.float32).flatten().cpu())
-    return None
-
-
 def _image_for_display(x: torch.Tensor, stats: tuple | None) -> tuple[torch.Tensor, str | None]:
     """An (H, W) or (H, W, 3) array in [0, 1] from a model-ready input, undoing normalization when known."""
     x = x.detach().float().cpu()
@@ -291,7 +278,7 @@ def show_results(learn: Any, n: int = 9, dl: Any = None):
     dl = learn.data.valid_dl if dl is None else dl
     _check_loader(dl)
     inputs, preds, targets = _run_loader(learn, _head_loader(dl, n), with_input=True)
-    vocab, stats = getattr(learn.data, 'vocab', None), normalization_stats(learn)
+    vocab, stats = getattr(learn.data, 'vocab', None), norm_stats(learn)
     n = min(n, len(preds))
     fig, axes = _grid(n)
     for i, ax in enumerate(axes[:n]):
@@ -324,7 +311,7 @@ class ClassificationInterpretation:
             raise ValueError(f"ClassificationInterpretation needs a classification loss (cross-entropy on class "
                              f"indices); the learner's loss is {learn.loss_func!r}")
         inputs, preds, targets, losses = get_preds(learn, dl, with_input=True, with_loss=True)
-        return cls(inputs, preds, targets, losses, getattr(learn.data, 'vocab', None), normalization_stats(learn))
+        return cls(inputs, preds, targets, losses, getattr(learn.data, 'vocab', None), norm_stats(learn))
 
     @property
     def n_classes(self) -> int:

@@ -260,3 +260,19 @@ def test_device_callback_moves_a_loss_module_with_class_weights():
     learn = Learner(mlp(), linear_data(), loss, cbs=[DeviceCallback('cpu')])
     learn.fit(1)
     assert loss.weight.device.type == 'cpu' and learn.loss_func is loss
+
+
+def test_norm_stats_reads_every_way_of_giving_normalization():
+    from minilearn.callbacks.transforms import norm_stats
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]
+    expected = (torch.tensor(mean), torch.tensor(std))
+    for source in ((mean, std), Normalize(mean, std), functools.partial(normalize_chan, mean=mean, std=std),
+                   BatchTransformXCallback(Normalize(mean, std))):
+        got = norm_stats(source)
+        assert torch.allclose(got[0], expected[0]) and torch.allclose(got[1], expected[1])
+    learn = Learner(mlp(), linear_data(), F.cross_entropy,
+                    cbs=[BatchTransformXCallback(functools.partial(normalize_chan, mean=mean, std=std))])
+    assert torch.allclose(norm_stats(learn)[1], expected[1])
+    assert norm_stats(Learner(mlp(), linear_data(), F.cross_entropy)) is None and norm_stats(None) is None
+    with pytest.raises(TypeError, match='cannot read normalization stats'):
+        norm_stats(lambda x: x)

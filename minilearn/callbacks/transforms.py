@@ -1,6 +1,7 @@
 """Batch transforms: apply a function to `xb`, per-channel normalization and its statistics."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -8,7 +9,7 @@ import torch
 
 from ..learner import Callback
 
-__all__ = ['BatchTransformXCallback', 'normalize_chan', 'Normalize', 'channel_stats', 'view_tfm']
+__all__ = ['BatchTransformXCallback', 'normalize_chan', 'Normalize', 'norm_stats', 'channel_stats', 'view_tfm']
 
 
 class BatchTransformXCallback(Callback):
@@ -52,6 +53,35 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f'Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})'
+
+
+def _float_stats(mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(mean, dtype=torch.float32).flatten().cpu(),
+            torch.as_tensor(std, dtype=torch.float32).flatten().cpu())
+
+
+def _tfm_stats(tfm: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if isinstance(tfm, functools.partial) and tfm.func is normalize_chan:
+        keywords = tfm.keywords
+        return _float_stats(keywords['mean'], keywords['std']) if {'mean', 'std'} <= keywords.keys() else None
+    mean, std = getattr(tfm, 'mean', None), getattr(tfm, 'std', None)  # Normalize, torchvision's Normalize
+    return None if mean is None or std is None else _float_stats(mean, std)
+
+
+def norm_stats(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) as CPU float tensors, from a (mean, std) pair, a `Normalize` (or torchvision's),
+    `partial(normalize_chan, mean=..., std=...)`, a BatchTransformXCallback holding one, or a Learner
+    (its normalization callback; None when it has none). None for None."""
+    if source is None: return None
+    if isinstance(source, (tuple, list)) and len(source) == 2: return _float_stats(*source)
+    if hasattr(source, 'cbs') and hasattr(source, 'fit'):  # a Learner
+        found = (_tfm_stats(cb.tfm) for cb in source.cbs if isinstance(cb, BatchTransformXCallback))
+        return next((stats for stats in found if stats is not None), None)
+    stats = _tfm_stats(source.tfm if isinstance(source, BatchTransformXCallback) else source)
+    if stats is None:
+        raise TypeError(f"cannot read normalization stats from {source!r}: pass (mean, std), a Normalize, or "
+                        f"BatchTransformXCallback(partial(normalize_chan, mean=..., std=...))")
+    return stats
 
 
 def channel_stats(dl: Iterable, n_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

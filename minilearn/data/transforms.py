@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..callbacks.transforms import norm_stats
 from ..core import listify
 
 __all__ = ['Transform', 'MakeRGB', 'make_rgb', 'ResizeFixed', 'to_byte_tensor', 'to_float_tensor',
@@ -116,21 +117,6 @@ def compose(x: Any, funcs: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 # ---- showing ------------------------------------------------------------------------------------
-
-def norm_stats(norm: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) from a `(mean, std)` pair, a `Normalize`, or a normalization callback; None for None."""
-    if norm is None: return None
-    if isinstance(norm, (tuple, list)) and len(norm) == 2:
-        return torch.as_tensor(norm[0], dtype=torch.float32), torch.as_tensor(norm[1], dtype=torch.float32)
-    tfm = getattr(norm, 'tfm', norm)  # BatchTransformXCallback(tfm)
-    holder = getattr(tfm, 'keywords', None) or {}  # partial(normalize_chan, mean=..., std=...)
-    mean = holder.get('mean', getattr(tfm, 'mean', None))
-    std = holder.get('std', getattr(tfm, 'std', None))
-    if mean is None or std is None:
-        raise TypeError(f"cannot read normalization stats from {norm!r}: pass (mean, std), a Normalize, or "
-                        f"BatchTransformXCallback(partial(normalize_chan, mean=..., std=...))")
-    return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-
 
 def _denormalize(x: torch.Tensor, norm: Any) -> torch.Tensor:
     stats = norm_stats(norm)
