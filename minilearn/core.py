@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss']
+__all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -42,3 +42,9 @@ def unwrap_loss(loss_func: Any) -> Any:
     """The user's own loss behind wrappers (such as MixUp's) that expose it as `base_loss_func`."""
     while getattr(loss_func, 'base_loss_func', None) is not None: loss_func = loss_func.base_loss_func
     return loss_func
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of an initialised torch.distributed run (they write no files)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core import is_main_process
+
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
            'is_main_process', 'get_rng_states', 'set_rng_states']
 
@@ -45,12 +47,6 @@ def checkpoint_path(learn: Any, path: str | Path) -> Path:
     if not text: raise ValueError("checkpoint path must not be empty")
     is_bare = ('/' not in text and os.sep not in text and not Path(text).suffix and text not in ('.', '..'))
     return Path(learn.path) / learn.model_dir / f'{text}.pth' if is_bare else Path(text)
-
-
-def is_main_process() -> bool:
-    """False on the ranks other than 0 of an initialised torch.distributed run (they do not write files)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -192,7 +188,7 @@ def _bare_model(model: nn.Module) -> nn.Module:
 
 
 def _stateful_callbacks(learn: Any) -> dict[str, Any]:
-    return {cb.name: cb for cb in learn.cbs if callable(getattr(cb, 'state_dict', None))}
+    return {cb.name: cb for cb in learn.cbs if callable(getattr(type(cb), 'state_dict', None))}
 
 
 def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:

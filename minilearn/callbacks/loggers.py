@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..core import is_main_process
 from ..learner import Callback
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
@@ -19,11 +20,6 @@ def _history_source(run: Any, who: str) -> Any:
     if stats is None or not hasattr(stats, 'history'):
         raise ValueError(f"{who} logs the rows of AvgStatsCallback: add AvgStatsCallback(metrics) to the learner")
     return stats
-
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class CSVLogger(Callback):
@@ -46,7 +42,7 @@ class CSVLogger(Callback):
         return self.fname if self.fname.is_absolute() or self.run is None else Path(self.run.path) / self.fname
 
     def begin_fit(self) -> None:
-        if not _is_rank_zero(): return
+        if not is_main_process(): return
         self.columns = _history_source(self.run, 'CSVLogger').metric_names
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +106,7 @@ class TensorBoardCallback(Callback):
         self._lrs: list[list[float]] = []
 
     def begin_fit(self) -> None:
-        if not _is_rank_zero(): return
+        if not is_main_process(): return
         log_dir = self.log_dir if self.log_dir is not None else Path(self.run.path) / 'runs'
         self.writer = self.writer_class(log_dir=str(log_dir))
         self._losses, self._lrs, self._first_step = [], [], self.run.n_iter

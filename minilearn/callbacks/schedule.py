@@ -5,12 +5,10 @@ import bisect
 import copy
 import functools
 import math
-import random
 from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core import listify
@@ -248,8 +246,8 @@ def fit_one_cycle(learn: Any, epochs: int, max_lr: float | Sequence[float] | Non
 # ---- LR finder -------------------------------------------------------------------------------------
 def _snapshot(learn: Any) -> dict:
     model, opt = learn.model, learn.opt
-    rng = {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): rng['cuda'] = torch.cuda.get_rng_state_all()
+    from ..serialization import get_rng_states
+    rng = get_rng_states()
     return {'model': copy.deepcopy(model.state_dict()),
             'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
             'training': [(m, m.training) for m in model.modules()],
@@ -261,11 +259,8 @@ def _restore(learn: Any, saved: dict) -> None:
     for p, grad in zip(learn.model.parameters(), saved['grads']): p.grad = grad
     for module, training in saved['training']: module.training = training
     learn.opt.load_state_dict(saved['opt'])
-    rng = saved['rng']
-    torch.set_rng_state(rng['torch'])
-    if 'cuda' in rng: torch.cuda.set_rng_state_all(rng['cuda'])
-    random.setstate(rng['python'])
-    np.random.set_state(rng['numpy'])
+    from ..serialization import set_rng_states
+    set_rng_states(saved['rng'])
 
 
 class LR_Find(Callback):
