@@ -21,6 +21,7 @@ import contextlib
 import copy
 import functools
 import json
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -52,9 +53,18 @@ def weights_only_loads() -> Iterator[None]:
     """Within the block `torch.load` refuses `weights_only=False` and forces `weights_only=True`.
 
     `torch.export.load` retries with `weights_only=False` when the safe load of its sample inputs fails,
-    and uses it for weights marked `use_pickle`; this makes both fail instead. Not thread-safe: it
-    replaces `torch.load` process-wide for the duration of the block.
+    and uses it for weights marked `use_pickle`; this makes both fail instead. It replaces `torch.load`
+    process-wide for the duration of the block (the one sanctioned patch in minilearn): guarded loads
+    take turns through a lock, and a `torch.load` from another thread meanwhile is guarded too.
     """
+    with _GUARD_LOCK:
+        yield from _guarded_torch_load()
+
+
+_GUARD_LOCK = threading.RLock()  # serialises the blocks that swap torch.load (nested ones in a thread are fine)
+
+
+def _guarded_torch_load() -> Iterator[None]:
     original = torch.load
 
     def guarded_load(*args: Any, **kwargs: Any) -> Any:
@@ -71,7 +81,7 @@ def weights_only_loads() -> Iterator[None]:
     try:
         yield
     finally:
-        torch.load = torch.serialization.load = original
+        if torch.load is guarded_load: torch.load = torch.serialization.load = original
 
 
 def _check_archive(path: Path) -> None:
