@@ -3,10 +3,12 @@ from functools import partial
 
 from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 from .callbacks.device import CudaCallback, DeviceCallback, default_device
+from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import MixUp, MixUpLoss
 from .callbacks.loggers import CSVLogger, TensorBoardCallback
 from .callbacks.metrics import AvgStats, AvgStatsCallback, accuracy, format_time
+from .callbacks.precision import Compile, GradientAccumulation, GradientClipping, MixedPrecision
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
 from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_scheds, cos_1cycle_anneal, create_phases,
@@ -64,6 +66,9 @@ __all__ = [
     'SHAPE_NAMES', 'make_shapes', 'ShapesDataset', 'shapes_datasets', 'shapes_databunch', 'save_shapes_folder',
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
+    # performance and scale
+    'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',
+    'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler',
     # reliability
     'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback', 'TrackerCallback', 'CheckpointError',
     'safe_load', 'atomic_write',

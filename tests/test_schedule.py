@@ -484,3 +484,19 @@ def test_lr_find_on_cuda_restores_and_stops_on_divergence():
     assert all(torch.equal(a, b) for a, b in zip(cuda_rng, torch.cuda.get_rng_state_all()))
     assert len(learn.recorder.losses) < 100  # stopped (a batch or two after the divergence at most)
     assert min(learn.recorder.lrs[0]) <= suggestion <= max(learn.recorder.lrs[0])
+
+
+def test_lr_find_leaves_loggers_checkpoints_and_their_files_alone(tmp_path):
+    from minilearn.callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback
+    from minilearn.callbacks.loggers import CSVLogger
+    from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+    learn = Learner(mlp(), linear_data(n_train=64, bs=16), F.cross_entropy, lr=0.05, path=tmp_path,
+                    cbs=[AvgStatsCallback([accuracy]), CSVLogger(), EarlyStoppingCallback(patience=5),
+                         SaveModelCallback(every_epoch=True)])
+    learn.fit(2)
+    history, csv_text = [dict(r) for r in learn.avg_stats.history], (tmp_path / 'history.csv').read_text()
+    best, checkpoint = learn.early_stopping.best, (tmp_path / 'models' / 'model_1.pth').read_bytes()
+    learn.lr_find(max_iter=10)
+    assert learn.avg_stats.history == history and (tmp_path / 'history.csv').read_text() == csv_text
+    assert learn.early_stopping.best == best and (tmp_path / 'models' / 'model_1.pth').read_bytes() == checkpoint
+    assert {'avg_stats', 'csv_logger', 'early_stopping', 'save_model'} <= {cb.name for cb in learn.cbs}

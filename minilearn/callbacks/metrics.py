@@ -39,12 +39,27 @@ def _batch_size(run: Any) -> int:
     return len(run.yb)
 
 
-def _detached(value: Any) -> Any:
-    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+def _kept(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else float(value)
+
+
+def _weighted_sum(total: Any, values: list, sizes: list[int]) -> Any:
+    """total + Σ value·size over a pass's batches (tensors stacked and summed in a few kernels)."""
+    tensors = [(v, n) for v, n in zip(values, sizes) if isinstance(v, torch.Tensor)]
+    total = total + sum(v * n for v, n in zip(values, sizes) if not isinstance(v, torch.Tensor))
+    if not tensors: return total
+    stacked = torch.stack([v.float() for v, _ in tensors])
+    weights = torch.tensor([n for _, n in tensors], dtype=stacked.dtype).to(stacked.device, non_blocking=True)
+    return total + (stacked * weights.view((-1,) + (1,) * (stacked.ndim - 1))).sum(0)
 
 
 class AvgStats:
-    """Sums of loss and metrics weighted by batch size, kept on the batch's device until read."""
+    """Sums of loss and metrics weighted by batch size, kept on the batch's device until read.
+
+    A batch only keeps its detached values (no arithmetic beyond the metrics themselves); they are
+    summed every `fold_every` batches and when `tot_loss`, `tot_mets` or the stats are read.
+    """
+    fold_every = 256
 
     def __init__(self, metrics: Any, in_train: bool):
         self.metrics, self.in_train = listify(metrics), in_train
@@ -52,16 +67,45 @@ class AvgStats:
 
     def reset(self) -> None:
         """Start a new pass."""
-        self.tot_loss, self.count = 0., 0
-        self.tot_mets: list = [0.] * len(self.metrics)
+        self.count, self._tot_loss, self._tot_mets = 0, 0., [0.] * len(self.metrics)
+        self._pending: list[tuple[int, Any, list]] = []  # (batch size, loss, metric values) not summed yet
 
     def accumulate(self, run: Any) -> None:
         """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
         bn = _batch_size(run)
-        self.tot_loss = self.tot_loss + _detached(run.loss) * bn
         self.count += bn
-        for i, m in enumerate(self.metrics):
-            self.tot_mets[i] = self.tot_mets[i] + _detached(m(run.pred, run.yb)) * bn
+        self._pending.append((bn, _kept(run.loss), [_kept(m(run.pred, run.yb)) for m in self.metrics]))
+        if len(self._pending) >= self.fold_every: self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending: return
+        pending, self._pending = self._pending, []
+        sizes = [bn for bn, _, _ in pending]
+        self._tot_loss = _weighted_sum(self._tot_loss, [loss for _, loss, _ in pending], sizes)
+        self._tot_mets = [_weighted_sum(total, [mets[i] for _, _, mets in pending], sizes)
+                          for i, total in enumerate(self._tot_mets)]
+
+    @property
+    def tot_loss(self) -> Any:
+        """The loss summed over items so far (a tensor on the batches' device once a batch was added)."""
+        self._fold()
+        return self._tot_loss
+
+    @tot_loss.setter
+    def tot_loss(self, value: Any) -> None:
+        self._fold()
+        self._tot_loss = value
+
+    @property
+    def tot_mets(self) -> list:
+        """Each metric summed over items so far."""
+        self._fold()
+        return self._tot_mets
+
+    @tot_mets.setter
+    def tot_mets(self, values: list) -> None:
+        self._fold()
+        self._tot_mets = list(values)
 
     @property
     def all_stats(self) -> list[float]:
@@ -90,6 +134,7 @@ class AvgStats:
 
 class AvgStatsCallback(Callback):
     """Average loss and metrics per epoch; logs one row per epoch and keeps them in `history`."""
+    run_during_lr_find = False
 
     def __init__(self, metrics: Any = None):
         self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)

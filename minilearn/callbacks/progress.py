@@ -40,6 +40,7 @@ class ProgressCallback(Callback):
     def __init__(self, beta: float = 0.98, max_updates_per_sec: float = 10., interactive: bool | None = None):
         self.beta, self.min_interval, self.interactive = beta, 1. / max_updates_per_sec, interactive
         self.mbar = self.pb = None
+        self.pending: list[torch.Tensor] = []  # training losses not yet in the smoothed loss
 
     def _is_interactive(self) -> bool:
         if self.interactive is not None: return self.interactive
@@ -56,7 +57,7 @@ class ProgressCallback(Callback):
             self.mbar = _PlainMasterBar(self.run.epochs)
         self.old_logger = self.run.logger
         self.run.logger = partial(self.mbar.write, table=True)
-        self.pb, self.smooth_loss, self.n_smoothed, self.last_shown = None, None, 0, 0.
+        self.pb, self.smooth_loss, self.n_smoothed, self.last_shown, self.pending = None, None, 0, 0., []
 
     def begin_epoch(self) -> None:
         self._new_bar()
@@ -73,11 +74,21 @@ class ProgressCallback(Callback):
         self.pb.update(0)
 
     def after_loss(self) -> None:
-        if not self.run.in_train or not isinstance(self.run.loss, torch.Tensor): return
-        loss = self.run.loss.detach().float()
-        self.smooth_loss = loss * (1 - self.beta) if self.smooth_loss is None else (
-            self.smooth_loss * self.beta + loss * (1 - self.beta))
-        self.n_smoothed += 1
+        # Without a bar (logs) the smoothed loss is never shown: nothing to keep. With one, the losses are
+        # only kept here and smoothed when shown (throttled), so a batch costs no arithmetic.
+        if self.pb is None or not self.run.in_train or not isinstance(self.run.loss, torch.Tensor): return
+        self.pending.append(self.run.loss.detach())
+
+    def _smooth(self) -> None:
+        """Fold the pending losses into the exponential moving average: smooth·βⁿ + Σ (1−β)·β^(n−1−k)·loss_k."""
+        if not self.pending: return
+        losses = torch.stack([loss.float().reshape(()) for loss in self.pending])
+        n, beta = len(self.pending), self.beta
+        weights = torch.tensor([(1 - beta) * beta ** (n - 1 - k) for k in range(n)], dtype=losses.dtype)
+        recent = (losses * weights.to(losses.device, non_blocking=True)).sum()
+        self.smooth_loss = recent if self.smooth_loss is None else self.smooth_loss * beta ** n + recent
+        self.n_smoothed += n
+        self.pending = []
 
     def after_batch(self) -> None:
         if self.pb is None: return
@@ -85,6 +96,7 @@ class ProgressCallback(Callback):
         last = self.run.iter + 1 >= self.run.iters
         if now - self.last_shown < self.min_interval and not last: return
         self.last_shown = now
+        if self.run.in_train and self.pending: self._smooth()
         if self.run.in_train and self.smooth_loss is not None:  # the only host read during an epoch, throttled
             self.pb.comment = f'loss {self.smooth_loss.item() / (1 - self.beta ** self.n_smoothed):.4f}'
         self.pb.update(self.run.iter + 1)

@@ -50,6 +50,19 @@ def _steepest(smoothed: Sequence[float]) -> int:
     return start + int(np.argmin(np.gradient(np.array(smoothed[start:]))))
 
 
+def _is_number(value: object) -> bool:
+    return type(value) in (float, int) or (isinstance(value, Real) and not isinstance(value, bool))
+
+
+def _hyper_value(group: dict, name: str) -> float | None:
+    """What `_scalar_hypers(group)` holds for `name` (None when missing or not a number), per batch and fast."""
+    if name == 'beta1':
+        betas = group.get('betas')
+        if isinstance(betas, (tuple, list)) and _is_number(betas[0]): return betas[0]
+    value = group.get(name)
+    return value if _is_number(value) else None
+
+
 def _scalar_hypers(group: dict) -> dict[str, float]:
     hypers = {k: v for k, v in group.items() if isinstance(v, Real) and not isinstance(v, bool)}
     betas = group.get('betas')
@@ -78,8 +91,9 @@ class Recorder(Callback):
     def after_batch(self) -> None:
         if not self.run.in_train: return
         for i, group in enumerate(self.run.opt.param_groups):
-            for name, value in _scalar_hypers(group).items():
-                if name in self.hypers: self.hypers[name][i].append(value)
+            for name, per_group in self.hypers.items():  # only the names found at begin_fit: a few lookups
+                value = _hyper_value(group, name)
+                if value is not None: per_group[i].append(value)
         self._losses.append(self.run.loss.detach())
 
     @property

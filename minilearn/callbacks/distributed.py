@@ -1,0 +1,242 @@
+"""Multi-process data-parallel training on torch.distributed, for runs launched with `torchrun`."""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
+
+from ..core import to_device
+from ..learner import EVENTS, Callback, Learner
+from .device import DeviceCallback
+from .metrics import AvgStats
+from .progress import ProgressCallback
+
+__all__ = ['DistributedCallback', 'distrib_ctx', 'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler']
+
+# DataLoader settings carried over when a loader is rebuilt with a sharding sampler.
+_LOADER_SETTINGS = ('num_workers', 'collate_fn', 'pin_memory', 'drop_last', 'timeout', 'worker_init_fn',
+                    'multiprocessing_context', 'generator', 'prefetch_factor', 'persistent_workers',
+                    'pin_memory_device', 'in_order')
+
+
+def num_distrib() -> int:
+    """The number of processes of this run: the initialised group's size, else torchrun's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', 1))
+
+
+def rank_distrib() -> int:
+    """This process's global rank: the initialised group's rank, else torchrun's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise RuntimeError(f"WORLD_SIZE is set but {name} is not: launch with `torchrun --nproc_per_node N "
+                           f"script.py`, which sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    return int(value)
+
+
+class ShardSampler(Sampler):
+    """Every `world_size`-th index from `rank`: a shard of a dataset without padding (for validation)."""
+
+    def __init__(self, n_items: int, rank: int, world_size: int):
+        self.n_items, self.rank, self.world_size = n_items, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n_items, self.world_size))
+
+    def __len__(self) -> int:
+        return max(0, math.ceil((self.n_items - self.rank) / self.world_size))
+
+
+def _shuffles(dl: DataLoader) -> bool:
+    sampler = dl.sampler
+    if isinstance(sampler, SequentialSampler): return False
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None: return True
+    raise ValueError(f"DistributedCallback cannot shard a DataLoader with a custom sampler "
+                     f"({type(sampler).__name__}): build it with shuffle=True/False, or give it a "
+                     f"DistributedSampler yourself (it is then used as it is)")
+
+
+def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: int = 0) -> DataLoader:
+    """A copy of `dl` (same batch size, collate_fn, workers, pinning, drop_last...) reading only this rank's shard.
+
+    Training shards come from a `DistributedSampler` (shuffled like `dl`, padded so every rank runs the
+    same number of steps); validation shards are disjoint and unpadded, so the ranks together see every
+    item exactly once.
+    """
+    if isinstance(dl.sampler, DistributedSampler): return dl  # sharded by the user already
+    if isinstance(dl.dataset, IterableDataset):
+        raise ValueError("DistributedCallback cannot shard an IterableDataset; split the stream per rank in the "
+                         "dataset itself (torch.distributed.get_rank()) and give it a DistributedSampler-free loader")
+    if dl.batch_size is None:
+        raise ValueError(f"DistributedCallback cannot shard a DataLoader with a custom batch_sampler "
+                         f"({type(dl.batch_sampler).__name__}); build it with batch_size=..., or shard it yourself")
+    shuffle = _shuffles(dl)
+    if train:
+        sampler = DistributedSampler(dl.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    elif shuffle:
+        raise ValueError("DistributedCallback shards validation without shuffling; build the validation "
+                         "DataLoader with shuffle=False")
+    else:
+        sampler = ShardSampler(len(dl.dataset), rank, world_size)
+    accepted = inspect.signature(DataLoader).parameters
+    settings = {name: getattr(dl, name) for name in _LOADER_SETTINGS if name in accepted and hasattr(dl, name)}
+    if not settings.get('num_workers'): settings.pop('prefetch_factor', None)
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, **settings)
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the logger and for the handlers of muted callbacks on ranks other than 0."""
+
+
+def _init_process_group(backend: str | None, device: torch.device) -> bool:
+    """Initialise the default process group from torchrun's environment if needed; True if this call did."""
+    if dist.is_initialized(): return False
+    if device.type == 'cuda': torch.cuda.set_device(device)
+    dist.init_process_group(backend or ('nccl' if device.type == 'cuda' else 'gloo'), init_method='env://')
+    return True
+
+
+def _local_device(device: Any, backend: str | None) -> torch.device:
+    if device is not None: return torch.device(device)
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if backend != 'gloo' and torch.cuda.is_available(): return torch.device('cuda', local_rank)
+    return torch.device('cpu')
+
+
+class DistributedCallback(Callback):
+    """Data-parallel training over the processes of a `torchrun` launch (DistributedDataParallel).
+
+    At `begin_fit`: initialises the process group from torchrun's environment if needed (NCCL on GPUs,
+    gloo on CPU), moves the model to this process's device (`cuda:LOCAL_RANK` or the CPU) and wraps it
+    in DistributedDataParallel, and replaces the DataLoaders by per-rank shards with the same settings
+    (`shard_loader`). Every epoch it reseeds the training sampler (`set_epoch`) and, in `after_epoch`
+    before AvgStatsCallback reads them (its `_order` is lower), all-reduces the AvgStats sums and counts,
+    so every rank reports the figures of the whole dataset. On ranks other than 0 the logger does nothing
+    and ProgressCallback (and any callback with `main_process_only = True`) is muted; checkpoints are
+    written by rank 0 only (`learn.save`). `after_fit` restores the original model, data and logger.
+    Without a distributed launch (WORLD_SIZE unset or 1) it does nothing, so the same script runs with
+    plain `python`. The Recorder keeps each rank's own training losses.
+    """
+    _order = -6  # before DeviceCallback (-5), Compile and MixedPrecision, and before AvgStatsCallback reads
+
+    def __init__(self, backend: str | None = None, device: Any = None, seed: int = 0, **ddp_kwargs: Any):
+        self.backend, self.device_arg, self.seed, self.ddp_kwargs = backend, device, seed, ddp_kwargs
+        self.active, self.saved = False, None
+
+    def init_process_group(self) -> bool:
+        """Initialise torch.distributed from torchrun's environment when launched so; True if this call did."""
+        if not dist.is_available() or dist.is_initialized() or int(os.environ.get('WORLD_SIZE', 1)) <= 1: return False
+        for name in ('RANK', 'LOCAL_RANK'): _env_int(name)
+        return _init_process_group(self.backend, _local_device(self.device_arg, self.backend))
+
+    def begin_fit(self) -> None:
+        self.init_process_group()
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not self.active: return
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = _local_device(self.device_arg, self.backend)
+        run = self.run
+        data = copy.copy(run.data)
+        data.train_dl = shard_loader(run.data.train_dl, self.rank, self.world_size, train=True, seed=self.seed)
+        if run.data.valid_dl is not None:
+            data.valid_dl = shard_loader(run.data.valid_dl, self.rank, self.world_size, train=False)
+        model = run.model.to(self.device)
+        device_ids = [self.device] if self.device.type == 'cuda' else None
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
+        self.saved = {'model': run.model, 'data': run.data, 'logger': run.logger,
+                      'devices': [(cb, cb.device) for cb in run.cbs if isinstance(cb, DeviceCallback)]}
+        for cb, _ in self.saved['devices']: cb.device = self.device
+        self.move_batches = not self.saved['devices'] and self.device.type != 'cpu'
+        run.model, run.data = self.ddp, data
+        self.muted = [] if self.rank == 0 else [self._mute(cb) for cb in run.cbs if _main_process_only(cb)]
+        if self.rank != 0: run.logger = _do_nothing
+
+    def _mute(self, cb: Callback) -> tuple[Callback, dict]:
+        # Handlers are looked up on the instance at each event, so instance attributes silence them.
+        shadowed = {e: vars(cb)[e] for e in EVENTS if e in vars(cb)}
+        for event in EVENTS:
+            if callable(getattr(type(cb), event, None)) or event in shadowed: setattr(cb, event, _do_nothing)
+        return cb, shadowed
+
+    def begin_epoch(self) -> None:
+        if not self.active: return
+        sampler = self.run.data.train_dl.sampler
+        if hasattr(sampler, 'set_epoch'): sampler.set_epoch(self.run.epoch)
+
+    def begin_batch(self) -> None:
+        if not self.active or not self.move_batches: return
+        self.run.xb, self.run.yb = to_device(self.run.xb, self.device), to_device(self.run.yb, self.device)
+
+    def begin_validate(self) -> None:
+        if not self.active: return
+        # Every rank validates with rank 0's buffers (BatchNorm statistics); no collective runs inside the
+        # validation batches, so ranks may have different numbers of them.
+        if self.ddp.broadcast_buffers:
+            for buffer in self.ddp.module.buffers(): dist.broadcast(buffer.data, src=0)
+        self.ddp.require_forward_param_sync = False
+
+    def after_epoch(self) -> None:
+        if not self.active: return
+        stats = [s for cb in self.run.cbs for s in (getattr(cb, 'train_stats', None), getattr(cb, 'valid_stats', None))
+                 if isinstance(s, AvgStats)]
+        if stats: _all_reduce_stats(stats, self.device)
+
+    def after_fit(self) -> None:
+        if self.saved is None: return  # begin_fit did not wrap anything
+        saved, self.saved, self.active = self.saved, None, False
+        for cb, shadowed in self.muted:
+            for event in EVENTS: vars(cb).pop(event, None)
+            vars(cb).update(shadowed)
+        self.muted = []
+        for cb, device in saved['devices']: cb.device = device
+        self.run.model, self.run.data, self.run.logger = saved['model'], saved['data'], saved['logger']
+        self.ddp = None
+
+
+def _main_process_only(cb: Callback) -> bool:
+    return isinstance(cb, ProgressCallback) or getattr(cb, 'main_process_only', False) is True
+
+
+def _all_reduce_stats(stats: list[AvgStats], device: torch.device) -> None:
+    """Sum every rank's AvgStats (count, loss and metric sums) into each, in one collective."""
+    values = []
+    for s in stats: values += [s.count, s.tot_loss, *s.tot_mets]
+    flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+    dist.all_reduce(flat)
+    totals = iter(flat.tolist())  # once per epoch
+    for s in stats:
+        s.count, s.tot_loss = int(next(totals)), next(totals)
+        s.tot_mets = [next(totals) for _ in s.tot_mets]
+
+
+@contextmanager
+def distrib_ctx(learn: Learner, **kwargs: Any) -> Iterator[Learner]:
+    """Within the block, `learn` trains with a DistributedCallback (kwargs go to it); removed on exit.
+
+    The process group is initialised on entry when launched by torchrun, and destroyed on exit if it was
+    initialised here.
+    """
+    cb = DistributedCallback(**kwargs)
+    created = cb.init_process_group()
+    try:
+        learn.add_cb(cb)
+        try:
+            yield learn
+        finally:
+            learn.remove_cbs(cb)
+    finally:
+        if created: dist.destroy_process_group()

@@ -1,0 +1,222 @@
+"""DistributedCallback / distrib_ctx on CPU with gloo, 2 processes (issue: performance and scale)."""
+import contextlib
+import io
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+
+from helpers import mlp, weights
+from minilearn.callbacks.distributed import DistributedCallback, ShardSampler, num_distrib, rank_distrib, shard_loader
+from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.precision import GradientAccumulation
+from minilearn.callbacks.progress import ProgressCallback
+from minilearn.callbacks.recorder import Recorder
+from minilearn.data.core import DataBunch, Dataset
+from minilearn.learner import EVENTS, Callback, Learner
+
+N_TRAIN, N_VALID, WORLD_SIZE = 128, 33, 2  # 33: validation shards of 17 and 16 items: 2 and 1 batches of 16
+
+
+def fixed_data(bs, valid_bs=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_VALID, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    train = DataLoader(Dataset(x[:N_TRAIN], y[:N_TRAIN]), batch_size=bs, shuffle=False)
+    valid = DataLoader(Dataset(x[N_TRAIN:], y[N_TRAIN:]), batch_size=valid_bs, shuffle=False)
+    return DataBunch(train, valid, c_in=8, c_out=3)
+
+
+def new_learner(bs, model_seed=1):
+    torch.manual_seed(model_seed)
+    return Learner(mlp(), fixed_data(bs), F.cross_entropy, lr=0.5, cbs=[AvgStatsCallback(accuracy), Recorder()])
+
+
+class StepProbe(Callback):
+    """Keeps a flat copy of the weights after every optimizer step and the model class seen per batch."""
+    _order = 100
+
+    def __init__(self):
+        self.after_steps, self.model_types = [], set()
+
+    def begin_batch(self): self.model_types.add(type(self.model).__name__)
+    def after_step(self): self.after_steps.append(torch.cat([p.detach().flatten() for p in self.model.parameters()]))
+
+
+class SyncProbe(Callback):
+    """Whether DistributedDataParallel will all-reduce in each training batch's backward pass."""
+    def __init__(self): self.flags = []
+    def begin_batch(self):
+        if self.in_train: self.flags.append(self.model.require_backward_grad_sync)
+
+
+class FailMidEpoch(Callback):
+    def after_batch(self):
+        if self.in_train and self.iter == 1: raise RuntimeError('failure mid-epoch')
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    result = {}
+    # 1. An error mid-epoch with the bare callback: everything is put back, the error propagates.
+    learn = new_learner(bs=32, model_seed=10 + rank)
+    model, data, logger = learn.model, learn.data, learn.logger
+    try:
+        learn.fit(1, cbs=[DistributedCallback(), FailMidEpoch()])
+    except RuntimeError as e:
+        result['error'] = str(e)
+    result['restored_after_error'] = learn.model is model and learn.data is data and learn.logger is logger
+    # 2. One epoch through distrib_ctx, models initialised differently per rank (DDP broadcasts rank 0's).
+    learn = new_learner(bs=32, model_seed=1 if rank == 0 else 99)
+    model, data = learn.model, learn.data
+    probe, progress = StepProbe(), ProgressCallback(interactive=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), learn.distrib_ctx():
+        result['group_size'] = num_distrib()
+        learn.fit(1, cbs=[probe, progress])
+    result.update(rank=rank_distrib(), after_steps=probe.after_steps, model_types=sorted(probe.model_types),
+                  final=weights(learn.model), history=learn.avg_stats.history,
+                  valid_count=learn.avg_stats.valid_stats.count, train_count=learn.avg_stats.train_stats.count,
+                  printed=out.getvalue(), n_losses=len(learn.recorder.losses),
+                  restored=learn.model is model and learn.data is data and not hasattr(learn, 'distributed'),
+                  progress_unmuted=not any(event in vars(progress) for event in EVENTS))
+    # 3. Gradient accumulation over 2 batches of 16 per rank: all-reduce only on the stepping batches.
+    learn = new_learner(bs=16, model_seed=1 if rank == 0 else 99)
+    syncs = SyncProbe()
+    with learn.distrib_ctx():
+        learn.fit(1, cbs=[GradientAccumulation(2), syncs])
+    result.update(accumulated=weights(learn.model), grad_syncs=syncs.flags)
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def two_ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('ddp'))
+    # Fork: the workers inherit this process's imports (torch, and the torch._dynamo that building an
+    # optimizer imports), which would cost each spawned worker ~10 s on a 2-core machine.
+    torch.optim.SGD(mlp().parameters(), lr=0.1)
+    ctx = mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=False, start_method='fork')
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes: p.kill()
+            pytest.fail('the 2-process run did not finish within 120 s')
+    return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(WORLD_SIZE)]
+
+
+def test_weights_are_identical_across_ranks_after_every_step(two_ranks):
+    r0, r1 = two_ranks
+    assert r0['model_types'] == r1['model_types'] == ['DistributedDataParallel']
+    assert len(r0['after_steps']) == len(r1['after_steps']) == N_TRAIN // (32 * WORLD_SIZE)
+    for w0, w1 in zip(r0['after_steps'], r1['after_steps']):
+        assert torch.equal(w0, w1)
+
+
+def test_two_ranks_of_32_give_the_weights_and_figures_of_one_process_of_64(two_ranks):
+    single = new_learner(bs=64)
+    single.logger = lambda *a: None
+    single.fit(1)
+    expected = weights(single.model)
+    for result in two_ranks:
+        for k, v in expected.items():
+            torch.testing.assert_close(result['final'][k], v, rtol=1e-5, atol=1e-6)
+        for k, v in expected.items():  # 2 ranks x 2 accumulated batches of 16
+            torch.testing.assert_close(result['accumulated'][k], v, rtol=1e-5, atol=1e-6)
+        assert result['grad_syncs'] == [False, True, False, True]
+        row, ref = result['history'][0], single.avg_stats.history[0]
+        for name in ('train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy'):
+            assert row[name] == pytest.approx(ref[name], rel=1e-5), name
+
+
+def test_metrics_are_global(two_ranks):
+    r0, r1 = two_ranks
+    assert r0['valid_count'] == r1['valid_count'] == N_VALID  # every validation item counted once
+    assert r0['train_count'] == r1['train_count'] == N_TRAIN
+    assert r0['history'] == [{**r1['history'][0], 'time': r0['history'][0]['time']}]
+    assert r0['n_losses'] == r1['n_losses'] == 2  # each rank's Recorder keeps its own batches
+
+
+def test_progress_and_log_on_rank_0_only_and_everything_restored(two_ranks):
+    r0, r1 = two_ranks
+    assert r0['group_size'] == 2 and (r0['rank'], r1['rank']) == (0, 1)
+    assert 'train_loss' in r0['printed'] and r1['printed'] == ''
+    assert r0['restored'] and r1['restored'] and r1['progress_unmuted']
+    assert r0['error'].startswith('failure mid-epoch') and r0['restored_after_error'] and r1['restored_after_error']
+
+
+# ---- single process ---------------------------------------------------------------------------------------
+def test_without_a_distributed_launch_the_callback_does_nothing(monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    learn = new_learner(bs=64)
+    model, data = learn.model, learn.data
+    learn.logger = lambda *a: None
+    probe = StepProbe()
+    with learn.distrib_ctx():
+        learn.fit(1, cbs=[probe])
+    assert probe.model_types == {'Sequential'} and learn.model is model and learn.data is data
+    assert not dist.is_initialized() and not hasattr(learn, 'distributed')
+
+
+def test_a_partial_torchrun_environment_is_named(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.delenv('RANK', raising=False)
+    learn = new_learner(bs=64)
+    model = learn.model
+    with pytest.raises(RuntimeError, match='RANK is not'):
+        learn.fit(1, cbs=[DistributedCallback()])
+    assert learn.model is model and not dist.is_initialized()
+
+
+def test_shard_loader_keeps_the_loader_settings():
+    ds = Dataset(torch.arange(20.).unsqueeze(1), torch.arange(20))
+    collate = lambda items: torch.utils.data.default_collate(items)
+    g = torch.Generator().manual_seed(3)
+    dl = DataLoader(ds, batch_size=3, shuffle=True, collate_fn=collate, drop_last=True, num_workers=2,
+                    persistent_workers=True, prefetch_factor=3, generator=g, timeout=5)
+    shard = shard_loader(dl, rank=1, world_size=2, train=True, seed=7)
+    assert isinstance(shard.sampler, DistributedSampler) and shard.sampler.shuffle and shard.sampler.seed == 7
+    assert (shard.batch_size, shard.collate_fn, shard.drop_last, shard.num_workers, shard.persistent_workers,
+            shard.prefetch_factor, shard.generator, shard.timeout) == (3, collate, True, 2, True, 3, g, 5)
+    assert len(shard) == 10 // 3  # 10 items per rank, incomplete batch dropped
+
+
+def test_validation_shards_cover_every_item_once_and_training_shards_reshuffle_per_epoch():
+    ds = Dataset(torch.arange(11.).unsqueeze(1), torch.arange(11))
+    valid = DataLoader(ds, batch_size=4, shuffle=False)
+    seen = [int(i) for r in range(3) for _, yb in shard_loader(valid, r, 3, train=False) for i in yb]
+    assert sorted(seen) == list(range(11))
+    assert [len(ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]
+    train = shard_loader(DataLoader(ds, batch_size=4, shuffle=True), 0, 2, train=True)
+    orders = []
+    for epoch in (0, 1):
+        train.sampler.set_epoch(epoch)
+        orders.append(list(train.sampler))
+    assert orders[0] != orders[1] and len(orders[0]) == 6  # padded to 12 / 2 ranks
+
+
+def test_loaders_that_cannot_be_sharded_are_refused_clearly():
+    ds = Dataset(torch.zeros(8, 1), torch.zeros(8))
+    weighted = DataLoader(ds, batch_size=2, sampler=WeightedRandomSampler([1.] * 8, 8))
+    with pytest.raises(ValueError, match='custom sampler'):
+        shard_loader(weighted, 0, 2, train=True)
+    with pytest.raises(ValueError, match='custom batch_sampler'):
+        shard_loader(DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]), 0, 2, train=True)
+    with pytest.raises(ValueError, match='shuffle=False'):
+        shard_loader(DataLoader(ds, batch_size=2, shuffle=True), 0, 2, train=False)
+    already = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
+    assert shard_loader(already, 0, 2, train=True) is already
