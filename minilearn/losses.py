@@ -165,10 +165,11 @@ class LabelSmoothingCrossEntropy(_ClassIndexLoss):
     targets, exactly as PyTorch does. `reduction` is read at call time. The course's `ε` keyword is
     accepted (`LabelSmoothingCrossEntropy(ε=0.1)`) and `.ε` reads `.eps`.
 
-    Bad input raises ValueError before any math: a shape mismatch or an `eps` outside [0, 1) always;
-    class indices outside [0, C) (other than `ignore_index`) when the targets are on the CPU. For
-    targets on an accelerator that check would synchronise the device every batch, so it is done once
-    per fit by the learner's pre-flight check on the first batch (`minilearn.checks`).
+    After its checks it is computed by `F.cross_entropy(..., label_smoothing=ε)` itself, so it is exact
+    by construction and as fast. Bad input raises ValueError: a shape mismatch or an `eps` outside
+    [0, 1) before any math; a class index outside [0, C) (other than `ignore_index`) is named when the
+    CPU kernel refuses it. On an accelerator that check is done once per fit by the learner's
+    pre-flight check on the first batch (`minilearn.checks`).
     """
 
     def __init__(self, eps: float = 0.1, reduction: str = 'mean', ignore_index: int = -100,
@@ -204,20 +205,18 @@ class LabelSmoothingCrossEntropy(_ClassIndexLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if isinstance(target, torch.Tensor) and target.is_floating_point():
             return self._probability_targets(input, target)
-        unbatched = isinstance(input, torch.Tensor) and input.ndim == 1
-        log_probs, target, ignored = self._log_probs(input, target)
-        n_classes, eps = log_probs.shape[1], self.eps
-        weight = self._class_weight(log_probs, n_classes)
-        loss = _nll(log_probs, target, type(self).__name__)
-        target_weight = None
-        if weight is not None:
-            target_weight = weight[target].masked_fill(ignored, 0.)
-            loss = loss * target_weight
-        if eps:  # skipped at ε=0 so that -inf scores (masked classes) give plain cross entropy, not nan
-            scaled = log_probs if weight is None else log_probs * weight.view((1, -1) + (1,) * (log_probs.ndim - 2))
-            loss = lin_comb(loss, -scaled.sum(1) / n_classes, 1 - eps)
-        denominator = None if target_weight is None else target_weight.sum()
-        return self._reduce(loss, ignored, unbatched, denominator)
+        name = type(self).__name__
+        _check_reduction(self.reduction)
+        _check_class_targets(name, input, target, self.ignore_index)
+        n_classes = input.shape[0 if input.ndim == 1 else 1]
+        weight = self._class_weight(input, n_classes)
+        if target.dtype != torch.int64: target = target.long()
+        try:  # PyTorch's fused kernel: one log_softmax, no one-hot, its own ε/C convention
+            return F.cross_entropy(input, target, weight=weight, ignore_index=self.ignore_index,
+                                   reduction=self.reduction, label_smoothing=self.eps)
+        except (RuntimeError, IndexError):  # an out-of-range class index (CPU): name it
+            _check_range_on_cpu(name, target.cpu(), n_classes, self.ignore_index)
+            raise
 
     def _probability_targets(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_reduction(self.reduction)
