@@ -376,3 +376,14 @@ def test_fit_keeps_the_last_batch_values_but_not_its_graph():
     learn = make_learner()
     learn.fit(1)
     assert learn.loss.grad_fn is None and learn.pred.grad_fn is None and learn.xb is not None
+
+
+def test_star_import_gives_the_public_api():
+    import minilearn
+    namespace = {}
+    exec('from minilearn import *', namespace)
+    assert set(minilearn.__all__) <= namespace.keys()
+    for name in ('Learner', 'Callback', 'CudaCallback', 'BatchTransformXCallback', 'normalize_chan', 'AvgStatsCallback',
+                 'ProgressCallback', 'Recorder', 'DataBunch', 'MixUp', 'LabelSmoothingCrossEntropy', 'ImageList',
+                 'SplitData', 'label_by_func', 'ParamScheduler', 'combine_scheds', 'partial'):
+        assert name in namespace, name
