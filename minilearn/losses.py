@@ -28,6 +28,9 @@ REDUCTIONS = ('mean', 'sum', 'none')
 
 def lin_comb(a: Any, b: Any, t: Any) -> Any:
     """t·a + (1−t)·b (the course's `lin_comb(v1, v2, beta)`)."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.dtype == b.dtype
+            and (isinstance(t, float) or isinstance(t, torch.Tensor) and t.dtype == a.dtype)):
+        return torch.lerp(b, a, t)  # one kernel instead of three, on the per-batch path of MixUp
     return t * a + (1 - t) * b
 
 
