@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
-import sys
 import time
 from functools import partial
 
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import minilearn
+from _common import add_run_options, start_run
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
 from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.progress import ProgressCallback
@@ -268,18 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--batches', type=int, default=200, help='timed batches per round and variant')
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--warmup', type=int, default=1, help='untimed epochs per variant first')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--variants', nargs='*', help='only these variants (names as printed)')
-    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
-                        help="'cpu': this process's CPU time, steadier on a shared machine (CPU device, 1 thread)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    if args.threads: torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f'minilearn {minilearn.__version__}, torch {torch.__version__}, python {platform.python_version()}, '
-          f'device {device}{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}, '
-          f'{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock')
-    print('command: python ' + ' '.join(sys.argv))
+    device = start_run(args)
     for bs in args.batch_sizes: bench_batch_size(bs, args, device)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-import minilearn
+from _common import add_run_options, start_run
 from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
 
 EPS = 0.1
@@ -125,17 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--shapes', nargs='+', default=['256x10', '256x1000', '2048x32000'], help='BxC')
     parser.add_argument('--repeats', type=int, default=21, help='timed samples per loss, interleaved')
     parser.add_argument('--sample-s', type=float, default=0.02, help='seconds of calls per timed sample')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
-    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
-                        help="'cpu': this process's CPU time, steadier on a shared machine (CPU device, 1 thread)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    if args.threads: torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f'minilearn {minilearn.__version__}, torch {torch.__version__}, python {platform.python_version()}, '
-          f'device {device}{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}, '
-          f'{torch.get_num_threads()} threads, {args.clock} clock')
-    print('command: python ' + ' '.join(sys.argv))
+    device = start_run(args)
     for shape in args.shapes:
         bs, n_classes = (int(v) for v in shape.lower().split('x'))
         bench_shape(bs, n_classes, args, device)
