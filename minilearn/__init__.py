@@ -13,7 +13,8 @@ from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
 from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_scheds, cos_1cycle_anneal, create_phases,
                                  fit_one_cycle, lr_find, sched_cos, sched_exp, sched_lin, sched_no)
-from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats, normalize_chan, view_tfm
+from .callbacks.transforms import BatchTransformXCallback, view_tfm
+from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
 from .core import camel2snake, listify, to_device
 from .data.core import DataBunch, Dataset, get_dls
 from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
@@ -22,10 +23,10 @@ from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError,
 from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Processor, SplitData, get_files,
                          grandparent_splitter, image_extensions, label_by_func, label_image_folder, open_image,
                          parent_labeler, random_splitter, split_by_func)
-from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, norm_stats, order_tfms, show_batch,
+from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, order_tfms, show_batch,
                               show_image, to_byte_tensor, to_float_tensor)
 from .serialization import CheckpointError, atomic_write, safe_load
-from .datasets import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
+from .data.shapes import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
 from .export import Predictor, UnsafeArtifactError, export_learner, load_learner
 from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
 from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
@@ -33,15 +34,17 @@ from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneRedu
 from .noisy import LabelIssues, NoisyLabels, add_label_noise, find_label_issues, inject_label_noise
 from .models import (GeneralRelu, Lambda, adapt_model, conv_layer, flatten, get_cnn_layers, get_cnn_model, init_cnn,
                      resnet18_cifar, resnet34_cifar)
-from .learner import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Learner,
-                      TrainEvalCallback, param_getter)
+from . import datasets
+from .callback import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Order,
+                       TrainEvalCallback)
+from .learner import Learner, param_getter
 
 __version__ = '0.1.0'
 
 __all__ = [
     # learner
     'Learner', 'Callback', 'TrainEvalCallback', 'EVENTS', 'CancelTrainException', 'CancelEpochException',
-    'CancelBatchException', 'param_getter',
+    'CancelBatchException', 'param_getter', 'Order',
     # core callbacks
     'DeviceCallback', 'CudaCallback', 'default_device', 'BatchTransformXCallback', 'normalize_chan', 'Normalize',
     'channel_stats', 'view_tfm', 'AvgStats', 'AvgStatsCallback', 'accuracy', 'format_time', 'ProgressCallback',
@@ -77,5 +80,5 @@ __all__ = [
     'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_learner',
     'Predictor', 'UnsafeArtifactError',
     # helpers
-    'listify', 'camel2snake', 'to_device', 'partial',
+    'listify', 'camel2snake', 'to_device', 'partial', 'datasets',
 ]

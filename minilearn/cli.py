@@ -193,7 +193,7 @@ def _build_data(args: argparse.Namespace, generator: torch.Generator) -> tuple[A
     """The DataBunch and a description of it for metrics.json."""
     dl_kwargs = {'num_workers': args.workers, 'generator': generator}
     if args.data is None:
-        from .datasets import shapes_databunch
+        from .data.shapes import shapes_databunch
         n_per_class = args.n_per_class or DEFAULT_N_PER_CLASS
         n_classes = 10
         data = shapes_databunch(n_per_class * n_classes, max(10, n_per_class // 4) * n_classes, args.bs,

@@ -226,7 +226,7 @@ def _json_value(v: Any) -> Any:
 
 
 def _settings(learn: Any, sample: torch.Tensor) -> dict:
-    from .callbacks.transforms import norm_stats
+    from .data.normalize import norm_stats
     stats = norm_stats(learn)
     vocab = getattr(learn.data, 'vocab', None)
     item_tfms = getattr(learn.data, 'item_tfms', None)
@@ -286,7 +286,7 @@ def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_k
 
 def _check_fallback(learn: Any, model: nn.Module, arch: str | None, error: BaseException) -> None:
     """Raise when an untraceable model cannot be exported as weights; warn that it will be."""
-    from .callbacks.transforms import norm_stats
+    from .data.normalize import norm_stats
     if arch is None:
         raise ValueError(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}). Export its weights instead by naming "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .callbacks.transforms import norm_stats
+from .data.normalize import norm_stats
 from .checks import is_class_index_loss
 from .core import to_device, unwrap_loss
 from .losses import NoneReduce

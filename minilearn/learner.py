@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from numbers import Real
@@ -12,83 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import camel2snake, listify
+from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
+                       TrainEvalCallback)
+from .callbacks.transforms import BatchTransformXCallback
+from .core import listify
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
-
-EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
-          'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
-          'after_epoch', 'after_cancel_train', 'after_fit')
-
-
-class CancelTrainException(Exception):
-    """Raise in a callback to stop training: `after_cancel_train`, then `after_fit` run."""
-
-
-class CancelEpochException(Exception):
-    """Raise in a callback to end the current pass (training or validation) early."""
-
-
-class CancelBatchException(Exception):
-    """Raise in a callback to skip the rest of the current batch (`after_batch` still runs)."""
-
-
-_CANCELS = (CancelTrainException, CancelEpochException, CancelBatchException)
-
-
-class Callback:
-    """Base class of callbacks: a method per event it handles; reads fall through to the learner."""
-    _order = 0
-    run = None
-    for_inference = False  # True for batch callbacks that prediction must apply too (device, normalization)
-    run_during_lr_find = True  # False for callbacks whose records or files an LR-finder sweep must not touch
-
-    def set_runner(self, run: Learner) -> None:
-        """Attach this callback to a learner (`self.run`)."""
-        self.run = run
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called when normal lookup fails: read the learner's state (`self.xb`, `self.model`...).
-        if name.startswith('__') or self.__dict__.get('run') is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.__dict__['run'], name)
-
-    @property
-    def name(self) -> str:
-        """snake_case of the class name without its `Callback` suffix: the learner attribute it appears as."""
-        return camel2snake(re.sub(r'Callback$', '', type(self).__name__) or 'callback')
-
-    def __call__(self, event_name: str) -> bool:
-        """Run this callback's handler of `event_name`, if any; True means 'skip' for begin events."""
-        handler = getattr(self, event_name, None)
-        return bool(handler and handler())
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}(_order={self._order})'
-
-
-class TrainEvalCallback(Callback):
-    """Always present: switches train/eval mode and keeps the progress counters `n_epochs`, `n_iter`."""
-
-    def begin_fit(self) -> None:
-        self.run.n_epochs = float(self.run.start_epoch)
-        self.run.n_iter = self.run.start_epoch * len(self.run.data.train_dl)
-
-    def begin_epoch(self) -> None:
-        self.run.n_epochs = float(self.run.epoch)
-        self.run.model.train()
-        self.run.in_train = True
-
-    def after_batch(self) -> None:
-        if not self.run.in_train: return
-        self.run.n_epochs = self.run.epoch + (self.run.iter + 1) / self.run.iters
-        self.run.n_iter += 1
-
-    def begin_validate(self) -> None:
-        self.run.model.eval()
-        self.run.in_train = False
-
 
 def param_getter(model: nn.Module) -> Iterable[nn.Parameter]:
     """Default splitter: one parameter group with every parameter."""
@@ -209,6 +138,10 @@ class Learner:
         self.cbs.append(cb)
         self._handlers = None
 
+    def find_cb(self, cls: type) -> Any:
+        """The attached callback that is an instance of `cls` (first in `_order`), or None: how callbacks find each other."""
+        return next((cb for cb in sorted(self.cbs, key=lambda cb: cb._order) if isinstance(cb, cls)), None)
+
     def remove_cbs(self, cbs: Any) -> None:
         """Detach callbacks (instances) from the learner."""
         for cb in listify(cbs):
@@ -237,7 +170,7 @@ class Learner:
         for cb in handlers:
             try:
                 skip = cb(event_name) or skip
-            except _CANCELS:
+            except CANCELS:
                 raise
             except Exception as e:
                 if hasattr(e, '_minilearn_where'): raise
@@ -413,6 +346,11 @@ class Learner:
         else:
             self.grad_scaler.step(self.opt)
             self.grad_scaler.update()
+
+    def norm_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (mean, std) the learner's BatchTransformXCallback normalizes with; None when it normalizes nothing."""
+        cb = self.find_cb(BatchTransformXCallback)
+        return None if cb is None else cb.norm_stats()
 
     # ---- conveniences implemented in their own modules ------------------------------------------
     def fit_one_cycle(self, epochs: int, max_lr: float | None = None, pct_start: float = 0.3, div: float = 25.,

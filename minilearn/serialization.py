@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .callback import has_state
 from .core import is_main_process
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
@@ -188,7 +189,7 @@ def _bare_model(model: nn.Module) -> nn.Module:
 
 
 def _stateful_callbacks(learn: Any) -> dict[str, Any]:
-    return {cb.name: cb for cb in learn.cbs if callable(getattr(type(cb), 'state_dict', None))}
+    return {cb.name: cb for cb in learn.cbs if has_state(cb)}
 
 
 def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:
@@ -278,7 +279,7 @@ def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, stri
     stateful = _stateful_callbacks(learn)
     cb_states = {}
     for name, state in ckpt.get('callbacks', {}).items():
-        if callable(getattr(stateful.get(name), 'load_state_dict', None)): cb_states[name] = state
+        if name in stateful: cb_states[name] = state
         else: warnings.warn(f"checkpoint {str(path)!r} holds state for a callback {name!r} this learner does not "
                             f"have; skipped", stacklevel=3)
     _apply(learn, opt_state, {stateful[n]: s for n, s in cb_states.items()})

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..learner import Callback, CancelTrainException
+from ..callback import Callback, CancelTrainException, Order
 from .metrics import AvgStatsCallback
 
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback']
@@ -15,7 +15,7 @@ __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'Ter
 
 class TrackerCallback(Callback):
     """Follows one AvgStats column (`monitor`) epoch by epoch and keeps its best value."""
-    _order = 50  # after AvgStatsCallback (0) has written the epoch's row in after_epoch
+    _order = Order.TRACKER
     run_during_lr_find = False
 
     def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', min_delta: float = 0.):
@@ -69,7 +69,7 @@ class SaveModelCallback(TrackerCallback):
     EarlyStoppingCallback stops is not saved (it did not improve). The weights are not reloaded after
     training: load the best with `learn.load(fname)`.
     """
-    _order = 60  # after EarlyStoppingCallback, so the saved file holds its updated state
+    _order = Order.SAVE_MODEL
 
     def __init__(self, fname: str = 'model', monitor: str = 'valid_loss', mode: str = 'min',
                  every_epoch: bool = False, with_opt: bool = True):
@@ -96,7 +96,7 @@ class SaveModelCallback(TrackerCallback):
 
 class EarlyStoppingCallback(TrackerCallback):
     """Stop training when `monitor` has not improved by more than `min_delta` for `patience` epochs."""
-    _order = 55
+    _order = Order.EARLY_STOPPING
 
     def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', patience: int = 1, min_delta: float = 0.):
         super().__init__(monitor, mode, min_delta)
@@ -135,7 +135,7 @@ class TerminateOnNaNCallback(Callback):
     be in flight): training stops a batch or so later (at the latest at the end of the epoch), naming the
     bad batch. Other devices copy the flag synchronously.
     """
-    _order = -10  # before AvgStats and the other after_loss handlers: a NaN batch is not accumulated
+    _order = Order.TERMINATE_ON_NAN
 
     def __init__(self, n_slots: int = 8):
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core import to_device, unwrap_loss
-from ..learner import Callback
+from ..callback import Callback, Order
 
 __all__ = ['DeviceCallback', 'CudaCallback', 'default_device']
 
@@ -20,7 +20,7 @@ def default_device() -> torch.device:
 
 class DeviceCallback(Callback):
     """Move the model (and optimizer state) at `begin_fit` and each batch at `begin_batch` to `device`."""
-    _order = -5  # before every other callback, so they all see the model and batches on the device
+    _order = Order.DEVICE
     for_inference = True
 
     def __init__(self, device: torch.device | str | None = None):

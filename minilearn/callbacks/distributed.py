@@ -7,18 +7,21 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
+from ..callback import EVENTS, Callback, Order
 from ..core import to_device
-from ..learner import EVENTS, Callback, Learner
 from .device import DeviceCallback
 from .metrics import AvgStats
 from .progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ['DistributedCallback', 'distrib_ctx', 'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler']
 
@@ -131,7 +134,7 @@ class DistributedCallback(Callback):
     Without a distributed launch (WORLD_SIZE unset or 1) it does nothing, so the same script runs with
     plain `python`. The Recorder keeps each rank's own training losses.
     """
-    _order = -6  # before DeviceCallback (-5), Compile and MixedPrecision, and before AvgStatsCallback reads
+    _order = Order.DISTRIBUTED
 
     def __init__(self, backend: str | None = None, device: Any = None, seed: int = 0, **ddp_kwargs: Any):
         self.backend, self.device_arg, self.seed, self.ddp_kwargs = backend, device, seed, ddp_kwargs

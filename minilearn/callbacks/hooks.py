@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..learner import Callback
+from ..callback import Callback, Order
 
 __all__ = ['Hook', 'Hooks', 'ActivationStats']
 
@@ -92,7 +92,7 @@ class ActivationStats(Callback):
     and `hists` (layers x bins x batches) read them back. Histograms have `n_bins` bins over `hist_range`
     (values outside are not counted; the default suits ReLU outputs, as in course-v3 nb 06).
     """
-    _order = 10
+    _order = Order.HOOKS
     run_during_lr_find = False
 
     def __init__(self, modules: Iterable[nn.Module] | Callable[[nn.Module], Iterable[nn.Module]] | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..core import is_main_process
-from ..learner import Callback
+from ..callback import Callback, Order
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
 
@@ -28,7 +28,7 @@ class CSVLogger(Callback):
     `append=True` adds rows to an existing file (whose header must match); so does resuming a fit
     (`start_epoch > 0`).
     """
-    _order = 20  # after AvgStatsCallback has added the epoch's row to its history
+    _order = Order.LOGGER
     run_during_lr_find = False
 
     def __init__(self, fname: str | Path = 'history.csv', append: bool = False):
@@ -94,7 +94,7 @@ class TensorBoardCallback(Callback):
     Step scalars are buffered on the device and written at the end of each epoch (no host read per
     batch). `log_dir` defaults to `learn.path/'runs'`; only rank 0 writes in a distributed run.
     """
-    _order = 20  # after AvgStatsCallback has added the epoch's row to its history
+    _order = Order.LOGGER
     run_during_lr_find = False
 
     def __init__(self, log_dir: str | Path | None = None):

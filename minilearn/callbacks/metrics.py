@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..core import listify
-from ..learner import Callback
+from ..callback import Callback
 
 __all__ = ['accuracy', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.distributions import Beta
 
-from ..learner import Callback
+from ..callback import Callback, Order
 from ..losses import NoneReduce, lin_comb, loss_reduction, reduce_loss
 
 __all__ = ['MixUp', 'MixUpLoss']
@@ -97,7 +97,7 @@ class MixUp(Callback):
     original object is put back at `after_fit`. `lam` (shape (bs,)) and `yb1` (the shuffled targets)
     describe the last training batch. The course's `α` keyword is accepted too.
     """
-    _order = 90  # after the device move and normalization
+    _order = Order.MIX
 
     def __init__(self, alpha: float = 0.4, per_sample: bool = True, *, α: float | None = None):
         if α is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..learner import Callback, CancelBatchException
+from ..callback import Callback, CancelBatchException, Order
 
 __all__ = ['MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile']
 
@@ -49,7 +49,7 @@ class MixedPrecision(Callback):
     GradScaler reads its inf flag on the host at each step unless the optimizer is fused
     (e.g. `opt_func=partial(torch.optim.SGD, fused=True)` on CUDA).
     """
-    _order = -4  # after the device move (DeviceCallback, -5); first at after_pred, so later callbacks see float32
+    _order = Order.MIXED_PRECISION
 
     def __init__(self, dtype: torch.dtype | None = None, init_scale: float = 2. ** 16):
         if dtype not in (None, torch.float16, torch.bfloat16):
@@ -167,7 +167,7 @@ class GradientAccumulation(Callback):
     `after_backward` callbacks, which then only see complete gradients. Under DistributedDataParallel the
     batches between steps run in `no_sync()`, so gradients are all-reduced once per step.
     """
-    _order = -3
+    _order = Order.GRADIENT_ACCUMULATION
 
     def __init__(self, n_acc: int = 2):
         if isinstance(n_acc, bool) or not isinstance(n_acc, int) or n_acc < 1:
@@ -246,7 +246,7 @@ class Compile(Callback):
     the original's parameters, so the optimizer and checkpoints are unaffected. Compilation happens on the
     first batch (seconds to minutes) and again when input shapes change.
     """
-    _order = -4.5  # after the device move and distributed wrapping, before MixedPrecision reads the model
+    _order = Order.COMPILE
 
     def __init__(self, **compile_kwargs: Any):
         self.compile_kwargs = compile_kwargs

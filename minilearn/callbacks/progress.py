@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleMasterBar, ConsoleProgressBar, NBMasterBar, NBProgressBar
 
-from ..learner import Callback
+from ..callback import Callback, Order
 
 __all__ = ['ProgressCallback']
 
@@ -35,7 +35,7 @@ class ProgressCallback(Callback):
     Bars are drawn in Jupyter and in terminals; when output goes to a log, only table rows are written.
     The loss is read from the device at most `max_updates_per_sec` times a second.
     """
-    _order = -1
+    _order = Order.PROGRESS
 
     def __init__(self, beta: float = 0.98, max_updates_per_sec: float = 10., interactive: bool | None = None):
         self.beta, self.min_interval, self.interactive = beta, 1. / max_updates_per_sec, interactive

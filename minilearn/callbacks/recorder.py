@@ -8,7 +8,7 @@ from numbers import Real
 import numpy as np
 import torch
 
-from ..learner import Callback
+from ..callback import Callback
 
 __all__ = ['Recorder', 'smooth_ema', 'suggest_lr']
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..core import listify
-from ..learner import Callback, CancelTrainException
+from ..callback import Callback, CancelTrainException, Order
 from .recorder import Recorder, suggest_lr
 
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
@@ -146,7 +146,7 @@ class ParamScheduler(Callback):
     alias `mom` (momentum, or betas[0] for Adam-like optimizers). The values the fit started with are put
     back at `after_fit`. With `skip_missing`, an optimizer without `pname` is left alone instead of an error.
     """
-    _order = 1
+    _order = Order.SCHEDULE
 
     def __init__(self, pname: str, sched_funcs: Schedule | Sequence[Schedule], skip_missing: bool = False):
         if not isinstance(pname, str) or not pname:
@@ -273,7 +273,7 @@ class LR_Find(Callback):
     without waiting and read once the copy has completed, so the sweep may run a batch or two past the
     divergence instead of synchronising every batch (the extra batches are recorded: use `skip_last`).
     """
-    _order = 1
+    _order = Order.SCHEDULE
 
     def __init__(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10.):
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:

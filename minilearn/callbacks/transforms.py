@@ -1,20 +1,21 @@
-"""Batch transforms: apply a function to `xb`, per-channel normalization and its statistics."""
+"""BatchTransformXCallback: a function applied to every batch `xb` on the device (normalization, reshaping)."""
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..learner import Callback
+from ..callback import Callback, Order
+from ..data.normalize import Normalize, channel_stats, norm_stats, normalize_chan, tfm_stats
 
-__all__ = ['BatchTransformXCallback', 'normalize_chan', 'Normalize', 'norm_stats', 'channel_stats', 'view_tfm']
+# Normalize, normalize_chan, norm_stats and channel_stats live in data/normalize.py; imported here for old import paths.
+__all__ = ['BatchTransformXCallback', 'view_tfm', 'normalize_chan', 'Normalize', 'norm_stats', 'channel_stats']
 
 
 class BatchTransformXCallback(Callback):
     """Replace `xb` by `tfm(xb)` at every batch (after the device move)."""
-    _order = 2
+    _order = Order.BATCH_TRANSFORM
     for_inference = True
 
     def __init__(self, tfm: Callable[[torch.Tensor], torch.Tensor]):
@@ -23,81 +24,9 @@ class BatchTransformXCallback(Callback):
     def begin_batch(self) -> None:
         self.run.xb = self.tfm(self.run.xb)
 
-
-def _as_channel_stat(stat: Any, x: torch.Tensor) -> torch.Tensor:
-    stat = torch.as_tensor(stat)
-    stat = stat.to(device=x.device, dtype=x.dtype, non_blocking=True)
-    return stat.reshape((1, -1) + (1,) * (x.ndim - 2))
-
-
-def normalize_chan(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
-    """(x - mean) / std per channel of an (N, C, ...) batch; stats follow the batch's device and dtype."""
-    if x.ndim < 2: raise ValueError(f"normalize_chan expects an (N, C, ...) batch, got shape {tuple(x.shape)}")
-    return (x - _as_channel_stat(mean, x)) / _as_channel_stat(std, x)
-
-
-class Normalize:
-    """Per-channel normalization with stats cached per (device, dtype): no copy per batch."""
-
-    def __init__(self, mean: Any, std: Any):
-        self.mean, self.std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if (self.std <= 0).any(): raise ValueError(f"std must be positive in every channel, got {self.std.tolist()}")
-        self._cache: dict = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype, x.ndim)
-        if key not in self._cache:
-            self._cache[key] = (_as_channel_stat(self.mean, x), _as_channel_stat(self.std, x))
-        mean, std = self._cache[key]
-        return (x - mean) / std
-
-    def __repr__(self) -> str:
-        return f'Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})'
-
-
-def _float_stats(mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.as_tensor(mean, dtype=torch.float32).flatten().cpu(),
-            torch.as_tensor(std, dtype=torch.float32).flatten().cpu())
-
-
-def _tfm_stats(tfm: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if isinstance(tfm, functools.partial) and tfm.func is normalize_chan:
-        keywords = tfm.keywords
-        return _float_stats(keywords['mean'], keywords['std']) if {'mean', 'std'} <= keywords.keys() else None
-    mean, std = getattr(tfm, 'mean', None), getattr(tfm, 'std', None)  # Normalize, torchvision's Normalize
-    return None if mean is None or std is None else _float_stats(mean, std)
-
-
-def norm_stats(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) as CPU float tensors, from a (mean, std) pair, a `Normalize` (or torchvision's),
-    `partial(normalize_chan, mean=..., std=...)`, a BatchTransformXCallback holding one, or a Learner
-    (its normalization callback; None when it has none). None for None."""
-    if source is None: return None
-    if isinstance(source, (tuple, list)) and len(source) == 2: return _float_stats(*source)
-    if hasattr(source, 'cbs') and hasattr(source, 'fit'):  # a Learner
-        found = (_tfm_stats(cb.tfm) for cb in source.cbs if isinstance(cb, BatchTransformXCallback))
-        return next((stats for stats in found if stats is not None), None)
-    stats = _tfm_stats(source.tfm if isinstance(source, BatchTransformXCallback) else source)
-    if stats is None:
-        raise TypeError(f"cannot read normalization stats from {source!r}: pass (mean, std), a Normalize, or "
-                        f"BatchTransformXCallback(partial(normalize_chan, mean=..., std=...))")
-    return stats
-
-
-def channel_stats(dl: Iterable, n_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over the inputs of a DataLoader (all of it, or its first `n_batches`)."""
-    total = total_sq = None
-    count = 0
-    for i, (xb, _) in enumerate(dl):
-        if n_batches is not None and i >= n_batches: break
-        xb = xb.double().transpose(0, 1).reshape(xb.shape[1], -1)
-        total = xb.sum(1) if total is None else total + xb.sum(1)
-        total_sq = (xb * xb).sum(1) if total_sq is None else total_sq + (xb * xb).sum(1)
-        count += xb.shape[1]
-    if not count: raise ValueError("channel_stats: the DataLoader gave no batches")
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
-    return mean.float(), std.float()
+    def norm_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (mean, std) this callback normalizes with; None when its transform is no normalization."""
+        return tfm_stats(self.tfm)
 
 
 def view_tfm(*size: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..callbacks.transforms import norm_stats
+from .normalize import norm_stats
 from ..core import listify
 
 __all__ = ['Transform', 'MakeRGB', 'make_rgb', 'ResizeFixed', 'to_byte_tensor', 'to_float_tensor',

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilearn.data.core import DataBunch
-from minilearn.datasets import _SDFS, SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch
+from minilearn.data.shapes import _SDFS, SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch
 
 
 def test_shapes_dtypes_and_range():
