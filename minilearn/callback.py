@@ -61,6 +61,11 @@ class Order:
     MIX = 90                 # MixUp and CutMix mix the finished batch: after device, normalization, augmentation
 
 
+def callback_name(cls: type) -> str:
+    """snake_case of a callback class's name without its `Callback` suffix (`AvgStatsCallback` -> `avg_stats`)."""
+    return camel2snake(re.sub(r'Callback$', '', cls.__name__) or 'callback')
+
+
 class Callback:
     """Base class of callbacks: a method per event it handles; reads fall through to the learner.
 
@@ -95,7 +100,7 @@ class Callback:
     @property
     def name(self) -> str:
         """snake_case of the class name without its `Callback` suffix: the learner attribute it appears as."""
-        return camel2snake(re.sub(r'Callback$', '', type(self).__name__) or 'callback')
+        return callback_name(type(self))
 
     def __call__(self, event_name: str) -> bool:
         """Run this callback's handler of `event_name`, if any; True means 'skip' for begin events."""
@@ -104,6 +109,12 @@ class Callback:
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(_order={self._order})'
+
+
+def flag(cb: Any, name: str) -> Any:
+    """A class-level flag of `cb` (`for_inference`...), with the base's default for callbacks written against
+    the course's own Callback class, which lacks them (and whose `__getattr__` would ask the learner)."""
+    return getattr(type(cb), name, getattr(Callback, name))
 
 
 def has_state(cb: Callback) -> bool:

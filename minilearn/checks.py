@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import unwrap_loss
+from .data.core import Dataset
+from .data.items import LabeledData
 
 __all__ = ['is_class_index_loss', 'check_batch', 'check_dataset_targets']
 
@@ -70,8 +72,6 @@ def _stored_targets(dataset: Any) -> torch.Tensor | None:
     minilearn's Dataset (`y`) and labelled item lists (`y.items`), torchvision's datasets (`targets`) without
     a target transform; any other dataset (or a subclass with its own `__getitem__`) may map its labels.
     """
-    from .data.core import Dataset
-    from .data.items import LabeledData
     getitem = type(dataset).__getitem__ if dataset is not None else None
     if isinstance(dataset, Dataset) and getitem is Dataset.__getitem__: targets = dataset.y
     elif isinstance(dataset, LabeledData) and getitem is LabeledData.__getitem__ and not getattr(dataset.y, 'tfms', 1):

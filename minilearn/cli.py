@@ -292,10 +292,6 @@ def _write_outputs(learn: Any, out: Path, report: dict) -> dict:
     return report
 
 
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """A learner logger that shows nothing (--quiet)."""
-
-
 def _args_record(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ('command', 'subparser')}
 
@@ -303,6 +299,7 @@ def _args_record(args: argparse.Namespace) -> dict:
 # ---- the job -----------------------------------------------------------------------------------
 def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
     """The Learner for parsed `train` arguments, and the start of the run's report (for metrics.json)."""
+    from .core import do_nothing
     from .learner import Learner
     _check_args(args)
     device = _device(args.device)
@@ -315,7 +312,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
     opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)
     learn = Learner(model, data, _build_loss(args), opt_func=opt_func, lr=args.lr,
                     cbs=_build_callbacks(args, data, device))
-    if args.quiet: learn.logger = _silent
+    if args.quiet: learn.logger = do_nothing
     args.out.mkdir(parents=True, exist_ok=True)
     data_info.update(n_train=len(data.train_ds), n_valid=len(data.valid_ds) if data.valid_dl is not None else 0,
                      n_classes=data.c_out, vocab=[str(v) for v in data.vocab] if data.vocab else None)

@@ -1,13 +1,19 @@
 """Tiny shared helpers used across the package."""
 from __future__ import annotations
 
+import functools
+import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
+from numbers import Real
 from typing import Any
 
 import torch
+from fastprogress.fastprogress import IN_NOTEBOOK
 
-__all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process']
+__all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process', 'check_positive', 'batch_size',
+           'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -48,3 +54,45 @@ def is_main_process() -> bool:
     """False on the ranks other than 0 of an initialised torch.distributed run (they write no files)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a positive finite real number (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def batch_size(xb: Any, yb: Any) -> int:
+    """Number of items in a batch: the first dimension of its targets (else inputs), or `len(yb)`."""
+    for b in (yb, xb):
+        if isinstance(b, torch.Tensor) and b.ndim: return b.shape[0]
+        if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor) and b[0].ndim: return b[0].shape[0]
+    return len(yb)
+
+
+def model_device(model: torch.nn.Module, default: torch.device | None = None) -> torch.device | None:
+    """The device of the model's first parameter (else buffer); `default` for a model without either."""
+    for p in model.parameters(): return p.device
+    for b in model.buffers(): return b.device
+    return default
+
+
+def unwrap_partial(f: Any) -> Any:
+    """The function behind (nested) `functools.partial`s."""
+    while isinstance(f, functools.partial): f = f.func
+    return f
+
+
+def callable_name(f: Any) -> str:
+    """A callable's name through partials: its `__name__`, else its class name."""
+    f = unwrap_partial(f)
+    return getattr(f, '__name__', None) or type(f).__name__
+
+
+def do_nothing(*args: Any, **kwargs: Any) -> None:
+    """A logger (or handler) that does nothing: `--quiet`, and ranks other than 0."""
+
+
+def is_interactive() -> bool:
+    """True in a notebook or when stdout is a terminal: where progress bars belong."""
+    return bool(IN_NOTEBOOK) or bool(getattr(sys.stdout, 'isatty', lambda: False)())

@@ -30,10 +30,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as transforms_v1
+from torchvision.transforms import v2
 from torch import nn
 
+from . import models
+from .callbacks.device import DeviceCallback
 from .checks import is_class_index_loss
-from .inference import decode_prediction, item_to_tensor
+from .core import callable_name
+from .data import transforms as item_tfms
+from .data.normalize import Normalize, norm_stats
+from .data.transforms import order_tfms
+from .inference import _first_batch, decode_prediction, inference_callbacks, item_to_tensor
 
 __all__ = ['export_learner', 'load_learner', 'Predictor', 'UnsafeArtifactError', 'weights_only_loads',
            'ARCHITECTURES']
@@ -108,10 +117,6 @@ def _check_archive(path: Path) -> None:
 
 
 # ---- describing and rebuilding item transforms ----------------------------------------------------
-def _tfm_name(tfm: Any) -> str:
-    return getattr(tfm, '__name__', None) or type(tfm).__name__
-
-
 def _torchvision_kind(tfm: Any) -> str | None:
     module = type(tfm).__module__
     if not module.startswith('torchvision.transforms'): return None
@@ -127,7 +132,7 @@ _OWN_TFMS = ('make_rgb', 'MakeRGB', 'ResizeFixed', 'to_byte_tensor', 'to_float_t
 
 def _describe_tfm(tfm: Any) -> dict:
     """JSON settings of one item transform; `supported: False` when it cannot be rebuilt."""
-    name, kind = _tfm_name(tfm), _torchvision_kind(tfm)
+    name, kind = callable_name(tfm), _torchvision_kind(tfm)
     if kind is None:
         if name not in _OWN_TFMS: return {'name': name, 'supported': False}
         module = getattr(tfm, '__module__', None) or type(tfm).__module__
@@ -151,15 +156,11 @@ def _rebuild_tfm(d: Mapping) -> Callable:
     """An item transform from its JSON settings (the inverse of `_describe_tfm`)."""
     name = d['name']
     if 'torchvision' not in d:
-        from .data import transforms as item_tfms
         if name in ('make_rgb', 'to_byte_tensor', 'to_float_tensor'): return getattr(item_tfms, name)
         if name == 'MakeRGB': return item_tfms.MakeRGB()
         if name == 'ResizeFixed': return item_tfms.ResizeFixed(tuple(d['size']))
     else:
-        if d['torchvision'] == 'v2':
-            from torchvision.transforms import v2 as T
-        else:
-            import torchvision.transforms as T
+        T = v2 if d['torchvision'] == 'v2' else transforms_v1
         if name == 'Resize':
             return T.Resize(d['size'], interpolation=T.InterpolationMode(d['interpolation']), max_size=d['max_size'],
                             antialias=d['antialias'])
@@ -185,8 +186,6 @@ class _InferenceProgram(nn.Module):
 
 def _batch_tfms(learn: Any) -> list[Callable]:
     """Copies of the `tfm`s of the learner's inference callbacks (device moves need none)."""
-    from .callbacks.device import DeviceCallback
-    from .inference import inference_callbacks
     tfms = []
     for cb in inference_callbacks(learn):
         if isinstance(cb, DeviceCallback): continue
@@ -198,7 +197,6 @@ def _batch_tfms(learn: Any) -> list[Callable]:
 
 
 def _sample_input(learn: Any) -> torch.Tensor:
-    from .inference import _first_batch
     dl = learn.data.valid_dl if learn.data.valid_dl is not None else learn.data.train_dl
     xb, _ = learn._split_batch(_first_batch(dl))
     if not isinstance(xb, torch.Tensor):
@@ -226,12 +224,10 @@ def _json_value(v: Any) -> Any:
 
 
 def _settings(learn: Any, sample: torch.Tensor) -> dict:
-    from .data.normalize import norm_stats
     stats = norm_stats(learn)
     vocab = getattr(learn.data, 'vocab', None)
     item_tfms = getattr(learn.data, 'item_tfms', None)
     if item_tfms is not None:
-        from .data.transforms import order_tfms
         item_tfms = [_describe_tfm(t) for t in order_tfms(item_tfms)]
         unsupported = [d['name'] for d in item_tfms if d.get('supported') is False]
         if unsupported:
@@ -286,7 +282,6 @@ def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_k
 
 def _check_fallback(learn: Any, model: nn.Module, arch: str | None, error: BaseException) -> None:
     """Raise when an untraceable model cannot be exported as weights; warn that it will be."""
-    from .data.normalize import norm_stats
     if arch is None:
         raise ValueError(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}). Export its weights instead by naming "
@@ -325,12 +320,10 @@ def _model_file(path: Path, entry: Mapping) -> Path:
 def _architecture(name: str, architectures: Mapping | None) -> Callable:
     if architectures and name in architectures: return architectures[name]
     if name.startswith('torchvision:'):
-        import torchvision
         tv_name = name.split(':', 1)[1]
         if tv_name in torchvision.models.list_models():
             return functools.partial(torchvision.models.get_model, tv_name, weights=None)
     if name in ARCHITECTURES:
-        from . import models
         if hasattr(models, name): return getattr(models, name)
     raise ValueError(f"unknown architecture {name!r}: pass load_learner(path, architectures={{{name!r}: builder}}), "
                      f"or use one of {list(ARCHITECTURES)} or 'torchvision:<name>'")
@@ -347,7 +340,6 @@ def _load_state_dict_model(path: Path, entry: Mapping, settings: Mapping, archit
     model.load_state_dict(weights)
     normalize = settings.get('normalize')
     if normalize is None: return model.eval()
-    from .callbacks.transforms import Normalize
     return _InferenceProgram([Normalize(normalize['mean'], normalize['std'])], model).eval()
 
 

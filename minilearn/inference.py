@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .data.normalize import norm_stats
+from .callback import flag
 from .checks import is_class_index_loss
-from .core import to_device, unwrap_loss
+from .core import batch_size, callable_name, model_device, to_device, unwrap_loss
+from .data.items import open_image
+from .data.normalize import norm_stats
+from .data.transforms import compose
 from .losses import NoneReduce
 
 __all__ = ['get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
@@ -26,20 +29,14 @@ __all__ = ['get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'M
 # ---- helpers shared by every prediction function ------------------------------------------------
 def inference_callbacks(learn: Any) -> list:
     """The learner's callbacks that prediction applies too (device move, normalization), in `_order`."""
-    return sorted((cb for cb in learn.cbs if getattr(cb, 'for_inference', False) is True), key=lambda cb: cb._order)
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters(): return p.device
-    for b in model.buffers(): return b.device
-    return None
+    return sorted((cb for cb in learn.cbs if flag(cb, 'for_inference')), key=lambda cb: cb._order)
 
 
 def _prepare_batch(learn: Any, cbs: list, xb: Any, yb: Any) -> tuple[Any, Any]:
     """Run the inference callbacks' `begin_batch` on (xb, yb) through the learner's state."""
     learn.xb, learn.yb = xb, yb
     for cb in cbs: cb('begin_batch')
-    device = _model_device(learn.model)
+    device = model_device(learn.model)
     if device is None: return learn.xb, learn.yb
     return to_device(learn.xb, device), to_device(learn.yb, device)
 
@@ -73,13 +70,6 @@ def _item_losses(item_loss: Callable, pred: Any, yb: Any) -> Any:
         if 'reduction' not in str(e): raise
         raise TypeError(f"per-item losses need a loss that accepts reduction='none' (an attribute or a keyword "
                         f"argument); calling it so failed: {e}") from e
-
-
-def _batch_len(xb: Any, yb: Any) -> int:
-    for b in (yb, xb):
-        if isinstance(b, torch.Tensor) and b.ndim: return b.shape[0]
-        if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor): return b[0].shape[0]
-    return len(yb)
 
 
 def _cat(parts: list) -> Any:
@@ -157,7 +147,7 @@ def _run_loader(learn: Any, dl: Any, with_input: bool = False, with_loss: bool =
             preds.append(pred)
             targets.append(yb)
             if with_input: inputs.append(xb)
-            if with_loss: losses.append(_per_item(_item_losses(item_loss, pred, yb), _batch_len(xb, yb), loss_func))
+            if with_loss: losses.append(_per_item(_item_losses(item_loss, pred, yb), batch_size(xb, yb), loss_func))
     if not preds: raise ValueError("get_preds: the DataLoader gave no batches (is the dataset empty?)")
     results = [act(_cat(preds)), _cat(targets)]
     if with_input: results.insert(0, _cat(inputs))
@@ -196,14 +186,12 @@ def item_to_tensor(item: Any, item_tfms: Any, what: str = 'the learner') -> torc
     """
     if isinstance(item, torch.Tensor): return item
     if isinstance(item, (str, Path)):
-        from .data.items import open_image
         if not Path(item).is_file(): raise FileNotFoundError(f"predict: no file at {str(item)!r}")
         item = open_image(item)
     if item_tfms is None:
         raise ValueError(f"predict needs the item transforms to turn a {type(item).__name__} into a tensor, and "
                          f"{what} has none (data.item_tfms is None). Pass a model-ready tensor instead, or set "
                          f"learn.data.item_tfms (e.g. [make_rgb, ResizeFixed(128), to_byte_tensor, to_float_tensor])")
-    from .data.transforms import compose
     item = compose(item, item_tfms)
     if not isinstance(item, torch.Tensor):
         raise TypeError(f"the item transforms gave a {type(item).__name__}, not a tensor; end them with "
@@ -252,7 +240,7 @@ def _image_for_display(x: torch.Tensor, stats: tuple | None) -> tuple[torch.Tens
 
 
 def _grid(n: int, figsize_per: float = 2.5):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * figsize_per, rows * figsize_per), squeeze=False)
@@ -342,7 +330,7 @@ class ClassificationInterpretation:
 
     def plot_confusion_matrix(self, normalize: bool = False, cmap: str = 'Blues'):
         """The confusion matrix with class names and counts (row-normalized fractions with `normalize`); a Figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         cm = self.confusion_matrix().float()
         if normalize: cm = cm / cm.sum(1, keepdim=True).clamp_min(1)
         size = max(4., 0.6 * self.n_classes + 2)
@@ -440,11 +428,6 @@ def _record_shapes(learn: Any, rows: list[dict]) -> str:
     return _shape_of(xb)
 
 
-def _name_of(o: Any) -> str:
-    while isinstance(o, functools.partial): o = o.func
-    return getattr(o, '__name__', None) or type(o).__name__
-
-
 def summary(learn: Any) -> ModelSummary:
     """Per layer its output shape for one batch, parameter count and trainability; totals, optimizer, loss, cbs."""
     rows = _layer_rows(learn.model)
@@ -459,10 +442,10 @@ def summary(learn: Any) -> ModelSummary:
     lines += [f"{r['name'] + ' (' + r['type'] + ')':<{width}}{r['output_shape']:<{shape_width}}{r['n_params']:>10,}  "
               f"{r['trainable']}" for r in rows]
     opt = (f'{type(learn.opt).__name__} ({len(learn.opt.param_groups)} param group(s))' if learn.opt is not None
-           else f'{_name_of(learn.opt_func)} (created at the first fit)')
+           else f'{callable_name(learn.opt_func)} (created at the first fit)')
     lines += [rule, f'Total params: {total:,}', f'Trainable params: {trainable:,}',
               f'Frozen params: {total - trainable:,}', '', f'Optimizer: {opt}',
-              f'Loss: {_name_of(unwrap_loss(learn.loss_func))}', 'Callbacks (in _order):']
+              f'Loss: {callable_name(unwrap_loss(learn.loss_func))}', 'Callbacks (in _order):']
     lines += [f'  {type(cb).__name__} (_order={cb._order})' for cb in sorted(learn.cbs, key=lambda cb: cb._order)]
     text = ModelSummary('\n'.join(lines))
     text.rows = [{k: v for k, v in r.items() if k != 'module'} for r in rows]

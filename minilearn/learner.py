@@ -1,10 +1,8 @@
 """The Learner: the training loop and its ordered callback system (course-v3 dl2 protocol)."""
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +10,15 @@ import torch
 from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
-                       TrainEvalCallback)
+                       TrainEvalCallback, callback_name)
+from .callbacks.distributed import distrib_ctx
+from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
-from .core import listify
+from .checks import check_batch, check_dataset_targets
+from .core import check_positive, listify
+from .export import export_learner
+from .inference import get_preds, predict, show_results, summary, tta
+from .serialization import load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -28,8 +32,7 @@ def _check_lr(lr: Any) -> None:
     if isinstance(lr, (list, tuple)):
         raise ValueError(f"lr must be one positive number, got {lr!r}; for one rate per parameter group use "
                          f"fit_one_cycle(max_lr=[...]) or a ParamScheduler per group")
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_positive('lr', lr)
 
 
 class _ModelSnapshot:
@@ -139,8 +142,14 @@ class Learner:
         self._handlers = None
 
     def find_cb(self, cls: type) -> Any:
-        """The attached callback that is an instance of `cls` (first in `_order`), or None: how callbacks find each other."""
-        return next((cb for cb in sorted(self.cbs, key=lambda cb: cb._order) if isinstance(cb, cls)), None)
+        """The attached callback that is a `cls` (first in `_order`), else None: how callbacks find each other.
+
+        Else the callback attached under the attribute name of `cls`: the course's own classes are found by
+        that name (a course-style `Recorder` is `learn.recorder`, which our lr_find reads too)."""
+        found = next((cb for cb in sorted(self.cbs, key=lambda cb: cb._order) if isinstance(cb, cls)), None)
+        if found is not None: return found
+        by_name = self.__dict__.get(callback_name(cls))
+        return by_name if any(cb is by_name for cb in self.cbs) else None
 
     def remove_cbs(self, cbs: Any) -> None:
         """Detach callbacks (instances) from the learner."""
@@ -328,7 +337,6 @@ class Learner:
 
     def _preflight(self) -> None:
         # Once per fit, on the loop's own first batch: catch data/model mismatches before any step.
-        from .checks import check_batch, check_dataset_targets
         self._preflight_pending = False
         check_batch(self.pred, self.yb, self.loss_func)
         check_dataset_targets(self.data, self.pred, self.yb, self.loss_func)
@@ -357,60 +365,49 @@ class Learner:
                       div_final: float = 1e5, moms: tuple[float, float] | None = (0.95, 0.85), cbs: Any = None,
                       **kwargs: Any) -> None:
         """Fit with a one-cycle schedule: cosine warm-up of lr to `max_lr`, then annealing; momentum inverted."""
-        from .callbacks.schedule import fit_one_cycle
         fit_one_cycle(self, epochs, max_lr=max_lr, pct_start=pct_start, div=div, div_final=div_final, moms=moms,
                       cbs=cbs, **kwargs)
 
     def lr_find(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10., **kwargs: Any) -> float:
         """Sweep the learning rate exponentially, restore the learner, return the suggested lr."""
-        from .callbacks.schedule import lr_find
         return lr_find(self, max_iter=max_iter, min_lr=min_lr, max_lr=max_lr, **kwargs)
 
     def save(self, path: str | Path, with_opt: bool = True) -> Path:
         """Write a checkpoint (atomically) for exact resume; returns its path."""
-        from .serialization import save_learner
         return save_learner(self, path, with_opt=with_opt)
 
     def load(self, path: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load a checkpoint written by `save` (safely: weights_only); the learner is unchanged on error."""
-        from .serialization import load_learner_state
         load_learner_state(self, path, with_opt=with_opt, strict=strict)
         return self
 
     def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False, act: Any = None,
                   reorder: bool = True) -> tuple:
         """Predictions and targets over a loader (validation by default), in dataset order."""
-        from .inference import get_preds
         return get_preds(self, dl=dl, with_input=with_input, with_loss=with_loss, act=act, reorder=reorder)
 
     def predict(self, item: Any) -> tuple:
         """(label, class_index, probabilities) for one raw item."""
-        from .inference import predict
         return predict(self, item)
 
     def tta(self, dl: Any = None, n: int = 4, beta: float = 0.25, tfm: Any = None) -> tuple:
         """Test-time augmentation: blend plain predictions with the mean of `n` augmented passes."""
-        from .inference import tta
         return tta(self, dl=dl, n=n, beta=beta, tfm=tfm)
 
     def show_results(self, n: int = 9):
         """A grid of validation images with predicted vs actual labels; returns the figure."""
-        from .inference import show_results
         return show_results(self, n=n)
 
     def summary(self) -> str:
         """Per-layer output shapes and parameter counts, optimizer, loss and callbacks."""
-        from .inference import summary
         return summary(self)
 
     def export(self, path: str | Path) -> Path:
         """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings)."""
-        from .export import export_learner
         return export_learner(self, path)
 
     def distrib_ctx(self, **kwargs: Any):
         """Context manager: train with DistributedCallback (torchrun) for the duration of the block."""
-        from .callbacks.distributed import distrib_ctx
         return distrib_ctx(self, **kwargs)
 
     def __repr__(self) -> str:

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .inference import get_preds
+
 __all__ = ['NoisyLabels', 'inject_label_noise', 'add_label_noise', 'LabelIssues', 'find_label_issues']
 
 
@@ -137,7 +139,6 @@ def find_label_issues(learn: Any, dl: Any = None) -> LabelIssues:
     Predictions run in eval mode without MixUp or other training-only callbacks (`get_preds`); pass a
     loader without augmentation, e.g. `DataLoader(learn.data.train_ds, batch_size=256)` for the training set.
     """
-    from .inference import get_preds
     preds, targets, losses = get_preds(learn, dl=dl, with_loss=True)
     order = losses.argsort(descending=True, stable=True)
     predicted = preds.argmax(1) if isinstance(preds, torch.Tensor) and preds.ndim > 1 else preds

@@ -9,7 +9,6 @@ the global random generators included, so that the resumed run draws what the un
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import os
 import pickle
@@ -27,10 +26,10 @@ import torch
 from torch import nn
 
 from .callback import has_state
-from .core import is_main_process
+from .core import is_main_process, unwrap_partial
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
-           'is_main_process', 'get_rng_states', 'set_rng_states']
+           'get_rng_states', 'set_rng_states']
 
 _FORMAT = 'minilearn-checkpoint'
 _VERSION = 1
@@ -255,7 +254,7 @@ def _optimizer_to_load(learn: Any, ckpt: dict, with_opt: bool, path: Path) -> di
 
 
 def _class_name(opt_func: Any) -> str | None:
-    while isinstance(opt_func, functools.partial): opt_func = opt_func.func
+    opt_func = unwrap_partial(opt_func)
     return opt_func.__name__ if isinstance(opt_func, type) else None  # a factory function: checked by loading
 
 

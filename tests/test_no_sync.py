@@ -6,7 +6,6 @@ the first training batch are recorded with their file and line. Only the throttl
 read, and at most about ten times a second.
 """
 import contextlib
-import importlib
 import io
 import os
 import sys
@@ -20,35 +19,25 @@ from torch.utils.data import DataLoader
 
 import minilearn
 from helpers import small_cnn
+from minilearn.callbacks.checkpoint import TerminateOnNaNCallback
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.precision import GradientAccumulation, GradientClipping, MixedPrecision
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, Learner
+from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
 
 PACKAGE_DIR = os.path.dirname(minilearn.__file__) + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 READ_BACK = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
 
 
-def optional(module, name):
-    """`module.name` when another part of the library provides it already, else None."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-MixUp = optional('minilearn.callbacks.mixup', 'MixUp')
-TerminateOnNaN = optional('minilearn.callbacks.checkpoint', 'TerminateOnNaNCallback')
-has_one_cycle = optional('minilearn.callbacks.schedule', 'fit_one_cycle') is not None
-LOSSES = {'cross_entropy': lambda: F.cross_entropy}
-for _name in ('LabelSmoothingCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss'):
-    if optional('minilearn.losses', _name) is not None:
-        LOSSES[_name] = optional('minilearn.losses', _name)
+LOSSES = {'cross_entropy': lambda: F.cross_entropy, 'LabelSmoothingCrossEntropy': LabelSmoothingCrossEntropy,
+          'SoftBootstrappingLoss': SoftBootstrappingLoss, 'HardBootstrappingLoss': HardBootstrappingLoss}
 
 
 class ReadCounter:
@@ -114,14 +103,12 @@ def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progr
     arm = Arm(counter, on_arm, on_disarm)
     cbs = [DeviceCallback(device_type), BatchTransformXCallback(Normalize([0.5] * 3, [0.3] * 3)),
            AvgStatsCallback([accuracy]), Recorder(), progress_cls(interactive=True), arm, Disarm(arm), *extra_cbs]
-    if MixUp is not None: cbs.append(MixUp(0.4))
-    if TerminateOnNaN is not None: cbs.append(TerminateOnNaN())
+    cbs += [MixUp(0.4), TerminateOnNaNCallback()]
     learn = Learner(small_cnn(), make_data(device_type), loss_func, lr=0.05, cbs=cbs)
     counter.install(monkeypatch)
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        if has_one_cycle: learn.fit_one_cycle(2, 0.05)
-        else: learn.fit(2)
+        learn.fit_one_cycle(2, 0.05)
     monkeypatch.undo()
     return counter.calls, time.time() - start, learn
 

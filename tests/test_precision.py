@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader
 
 from helpers import image_data, mlp, small_cnn, weights
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.precision import Compile, GradientAccumulation, GradientClipping, MixedPrecision
 from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, CancelBatchException, Learner
+from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
 
 
 def autocast_on() -> bool:
@@ -154,20 +156,18 @@ def test_gradient_clipping_unscales_first_under_a_grad_scaler():
 
 # ---- MixedPrecision with the regularizers -------------------------------------------------------------------
 def _regularized_losses():
-    losses = pytest.importorskip('minilearn.losses')
-    return [losses.LabelSmoothingCrossEntropy(0.1), losses.SoftBootstrappingLoss(), losses.HardBootstrappingLoss()]
+    return [LabelSmoothingCrossEntropy(0.1), SoftBootstrappingLoss(), HardBootstrappingLoss()]
 
 
 @pytest.mark.parametrize('index', range(3))
 def test_mixed_precision_works_with_mixup_and_the_regularizing_losses(index):
-    mixup = pytest.importorskip('minilearn.callbacks.mixup')
 
     def run(precision):
         loss_func = _regularized_losses()[index]
         torch.manual_seed(0)  # same weights, same λ and permutations in both runs
         probe = Probe()
         learn = Learner(small_cnn(), image_data(n_train=128, n_valid=64, bs=32), loss_func, lr=0.2,
-                        cbs=[mixup.MixUp(0.4), probe, Recorder()] + precision)
+                        cbs=[MixUp(0.4), probe, Recorder()] + precision)
         learn.fit(1)
         assert learn.loss_func is loss_func and loss_func.reduction == 'mean'
         return torch.tensor(learn.recorder.losses), probe

@@ -27,7 +27,7 @@ class TrackerCallback(Callback):
         self.best = math.inf if mode == 'min' else -math.inf
 
     def _check_monitor(self) -> None:
-        stats = next((cb for cb in self.run.cbs if isinstance(cb, AvgStatsCallback)), None)
+        stats = self.run.find_cb(AvgStatsCallback)
         who = type(self).__name__
         if stats is None:
             raise ValueError(f"{who} monitors {self.monitor!r}, a column of AvgStatsCallback, but the learner has "

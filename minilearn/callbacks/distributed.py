@@ -14,11 +14,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-from ..callback import EVENTS, Callback, Order
-from ..core import to_device
+from ..callback import EVENTS, Callback, Order, flag
+from ..core import do_nothing, to_device
 from .device import DeviceCallback
 from .metrics import AvgStats
-from .progress import ProgressCallback
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -101,10 +100,6 @@ def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: 
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, **settings)
 
 
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
-    """Stands in for the logger and for the handlers of muted callbacks on ranks other than 0."""
-
-
 def _init_process_group(backend: str | None, device: torch.device) -> bool:
     """Initialise the default process group from torchrun's environment if needed; True if this call did."""
     if dist.is_initialized(): return False
@@ -129,7 +124,7 @@ class DistributedCallback(Callback):
     (`shard_loader`). Every epoch it reseeds the training sampler (`set_epoch`) and, in `after_epoch`
     before AvgStatsCallback reads them (its `_order` is lower), all-reduces the AvgStats sums and counts,
     so every rank reports the figures of the whole dataset. On ranks other than 0 the logger does nothing
-    and ProgressCallback (and any callback with `main_process_only = True`) is muted; checkpoints are
+    and every callback with `main_process_only = True` (progress, loggers) is muted; checkpoints are
     written by rank 0 only (`learn.save`). `after_fit` restores the original model, data and logger.
     Without a distributed launch (WORLD_SIZE unset or 1) it does nothing, so the same script runs with
     plain `python`. The Recorder keeps each rank's own training losses.
@@ -161,18 +156,18 @@ class DistributedCallback(Callback):
         device_ids = [self.device] if self.device.type == 'cuda' else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
         self.saved = {'model': run.model, 'data': run.data, 'logger': run.logger,
-                      'devices': [(cb, cb.device) for cb in run.cbs if isinstance(cb, DeviceCallback)]}
+                      'devices': [(cb, cb.device) for cb in [run.find_cb(DeviceCallback)] if cb is not None]}
         for cb, _ in self.saved['devices']: cb.device = self.device
         self.move_batches = not self.saved['devices'] and self.device.type != 'cpu'
         run.model, run.data = self.ddp, data
-        self.muted = [] if self.rank == 0 else [self._mute(cb) for cb in run.cbs if _main_process_only(cb)]
-        if self.rank != 0: run.logger = _do_nothing
+        self.muted = [] if self.rank == 0 else [self._mute(cb) for cb in run.cbs if flag(cb, 'main_process_only')]
+        if self.rank != 0: run.logger = do_nothing
 
     def _mute(self, cb: Callback) -> tuple[Callback, dict]:
         # Handlers are looked up on the instance at each event, so instance attributes silence them.
         shadowed = {e: vars(cb)[e] for e in EVENTS if e in vars(cb)}
         for event in EVENTS:
-            if callable(getattr(type(cb), event, None)) or event in shadowed: setattr(cb, event, _do_nothing)
+            if callable(getattr(type(cb), event, None)) or event in shadowed: setattr(cb, event, do_nothing)
         return cb, shadowed
 
     def begin_epoch(self) -> None:
@@ -208,10 +203,6 @@ class DistributedCallback(Callback):
         for cb, device in saved['devices']: cb.device = device
         self.run.model, self.run.data, self.run.logger = saved['model'], saved['data'], saved['logger']
         self.ddp = None
-
-
-def _main_process_only(cb: Callback) -> bool:
-    return isinstance(cb, ProgressCallback) or getattr(cb, 'main_process_only', False) is True
 
 
 def _all_reduce_stats(stats: list[AvgStats], device: torch.device) -> None:

@@ -166,7 +166,7 @@ class ActivationStats(Callback):
 
     def plot_stats(self, max_batches: int | None = None):
         """Means and standard deviations per layer against the batch; returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         fig, (ax_mean, ax_std) = plt.subplots(1, 2, figsize=(10, 4))
         for i, (means, stds) in enumerate(zip(self.means, self.stds)):
             ax_mean.plot(means[:max_batches].numpy(), label=f'layer {i}')
@@ -179,7 +179,7 @@ class ActivationStats(Callback):
 
     def plot_hist(self, max_layers: int = 4):
         """Histograms of the first `max_layers` layers over time (log counts, bins upward); returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         hists = self.hists[:max_layers].log1p()
         fig, axes = plt.subplots(1, len(hists), figsize=(4 * len(hists), 3), squeeze=False)
         for i, (ax, hist) in enumerate(zip(axes[0], hists)):
@@ -190,7 +190,7 @@ class ActivationStats(Callback):
 
     def plot_near_zero(self, n_bins: int = 2, max_layers: int = 4):
         """Fraction of near-zero activations (lowest `n_bins` bins) per layer against the batch; returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         fractions = self.near_zero(n_bins)[:max_layers]
         fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3), squeeze=False)
         for i, (ax, fraction) in enumerate(zip(axes[0], fractions)):

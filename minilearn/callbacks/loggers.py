@@ -10,6 +10,7 @@ import torch
 
 from ..core import is_main_process
 from ..callback import Callback, Order
+from .metrics import AvgStatsCallback
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
 
@@ -29,6 +30,7 @@ class CSVLogger(Callback):
     (`start_epoch > 0`).
     """
     _order = Order.LOGGER
+    main_process_only = True
     run_during_lr_find = False
 
     def __init__(self, fname: str | Path = 'history.csv', append: bool = False):
@@ -65,7 +67,7 @@ class CSVLogger(Callback):
 
     def after_epoch(self) -> None:
         if self.writer is None: return
-        row = self.run.avg_stats.history[-1]
+        row = self.run.find_cb(AvgStatsCallback).history[-1]
         self._write(['' if row.get(c) is None else row.get(c) for c in self.columns])
 
     def after_fit(self) -> None:
@@ -95,6 +97,7 @@ class TensorBoardCallback(Callback):
     batch). `log_dir` defaults to `learn.path/'runs'`; only rank 0 writes in a distributed run.
     """
     _order = Order.LOGGER
+    main_process_only = True
     run_during_lr_find = False
 
     def __init__(self, log_dir: str | Path | None = None):
@@ -127,7 +130,7 @@ class TensorBoardCallback(Callback):
     def after_epoch(self) -> None:
         if self.writer is None: return
         self._write_steps()
-        stats = getattr(self.run, 'avg_stats', None)
+        stats = self.run.find_cb(AvgStatsCallback)
         if stats is not None and stats.history:
             for name, value in stats.history[-1].items():
                 if name == 'epoch' or value is None or not math.isfinite(value): continue

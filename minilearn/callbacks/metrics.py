@@ -1,7 +1,6 @@
 """Running averages of the loss and metrics, per epoch, for training and validation."""
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -9,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..core import listify
+from ..core import batch_size, callable_name, listify
 from ..callback import Callback
 
 __all__ = ['accuracy', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
@@ -22,8 +21,7 @@ def accuracy(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
 
 def metric_name(metric: Callable) -> str:
     """A metric's column name: its function name (through partials), else its class name."""
-    while isinstance(metric, functools.partial): metric = metric.func
-    return getattr(metric, '__name__', None) or type(metric).__name__
+    return callable_name(metric)
 
 
 def format_time(seconds: float) -> str:
@@ -31,12 +29,6 @@ def format_time(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, (seconds // 60) % 60, seconds % 60
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
-
-
-def _batch_size(run: Any) -> int:
-    for b in (run.yb, run.xb):
-        if isinstance(b, torch.Tensor) and b.ndim: return b.shape[0]
-    return len(run.yb)
 
 
 def _kept(value: Any) -> Any:
@@ -72,7 +64,7 @@ class AvgStats:
 
     def accumulate(self, run: Any) -> None:
         """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
-        bn = _batch_size(run)
+        bn = batch_size(run.xb, run.yb)
         self.count += bn
         self._pending.append((bn, _kept(run.loss), [_kept(m(run.pred, run.yb)) for m in self.metrics]))
         if len(self._pending) >= self.fold_every: self._fold()

@@ -1,22 +1,15 @@
 """Mixed precision, gradient clipping, gradient accumulation and torch.compile as callbacks."""
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..callback import Callback, CancelBatchException, Order
+from ..core import batch_size, check_positive, model_device
 
 __all__ = ['MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile']
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters(): return p.device
-    for b in model.buffers(): return b.device
-    return torch.device('cpu')
 
 
 def _to_float32(o: Any) -> Any:
@@ -60,7 +53,7 @@ class MixedPrecision(Callback):
         self._entered = self._fitting = False
 
     def begin_fit(self) -> None:
-        device = _model_device(self.run.model)
+        device = model_device(self.run.model, torch.device('cpu'))
         dtype = self.dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
         self.device_type, self.used_dtype = device.type, dtype
         self.autocast = torch.autocast(device.type, dtype=dtype)
@@ -121,11 +114,6 @@ class MixedPrecision(Callback):
         else: self._pending_state = dict(scaler_state)  # the scaler is built at begin_fit, on the model's device
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 class GradientClipping(Callback):
     """Clip the gradients' total norm to `max_norm` before each optimizer step (`None` turns it off).
 
@@ -134,8 +122,8 @@ class GradientClipping(Callback):
     """
 
     def __init__(self, max_norm: float | None = 1., norm_type: float = 2.):
-        if max_norm is not None: _check_positive('GradientClipping max_norm', max_norm)
-        _check_positive('GradientClipping norm_type', norm_type)
+        if max_norm is not None: check_positive('GradientClipping max_norm', max_norm)
+        check_positive('GradientClipping norm_type', norm_type)
         self.max_norm, self.norm_type = max_norm, norm_type
 
     @property
@@ -147,12 +135,6 @@ class GradientClipping(Callback):
         if self.max_norm is None: return
         if self.run.grad_scaler is not None: self.run.grad_scaler.unscale_(self.run.opt)
         nn.utils.clip_grad_norm_(_trained_params(self.run.opt), self.max_norm, norm_type=self.norm_type)
-
-
-def _batch_size(run: Any) -> int:
-    for b in (run.yb, run.xb):
-        if isinstance(b, torch.Tensor) and b.ndim: return b.shape[0]
-    return len(run.yb)
 
 
 class GradientAccumulation(Callback):
@@ -199,7 +181,7 @@ class GradientAccumulation(Callback):
 
     def after_loss(self) -> None:
         if not self.run.in_train: return
-        bs = _batch_size(self.run)
+        bs = batch_size(self.run.xb, self.run.yb)
         self._undo = (self.n_batches, self.n_items, self.last_bs)
         # The stored gradients are kept as (sum of size-weighted batch gradients) / current batch size,
         # so adding this batch's mean-loss gradient weights it by its size; equal sizes need no work.
@@ -258,6 +240,7 @@ class Compile(Callback):
         self.run.model = self.compiled
 
     def after_fit(self) -> None:
-        # Only if nobody restored an earlier model already (DistributedCallback's after_fit runs first).
+        # Only if the learner still holds the compiled model: a user may have replaced it. (after_fit runs in
+        # reverse _order, so DistributedCallback unwraps its DDP model after this.)
         if self.compiled is not None and self.run.model is self.compiled: self.run.model = self.original
         self.original = self.compiled = None

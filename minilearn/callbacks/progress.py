@@ -1,7 +1,6 @@
 """Progress bars (fastprogress) over epochs and batches, with the per-epoch table."""
 from __future__ import annotations
 
-import sys
 import time
 from functools import partial
 from typing import Any
@@ -10,6 +9,7 @@ import torch
 from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleMasterBar, ConsoleProgressBar, NBMasterBar, NBProgressBar
 
 from ..callback import Callback, Order
+from ..core import is_interactive
 
 __all__ = ['ProgressCallback']
 
@@ -36,6 +36,7 @@ class ProgressCallback(Callback):
     The loss is read from the device at most `max_updates_per_sec` times a second.
     """
     _order = Order.PROGRESS
+    main_process_only = True
 
     def __init__(self, beta: float = 0.98, max_updates_per_sec: float = 10., interactive: bool | None = None):
         self.beta, self.min_interval, self.interactive = beta, 1. / max_updates_per_sec, interactive
@@ -44,7 +45,7 @@ class ProgressCallback(Callback):
 
     def _is_interactive(self) -> bool:
         if self.interactive is not None: return self.interactive
-        return IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+        return is_interactive()
 
     def begin_fit(self) -> None:
         self.bars = self._is_interactive()

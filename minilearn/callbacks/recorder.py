@@ -113,7 +113,7 @@ class Recorder(Callback):
 
     def plot_lr(self, pname: str = 'lr', pgid: int = -1):
         """Plot hyper-parameter `pname` of param group `pgid` against the iteration; returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         if pname not in self.hypers:
             raise ValueError(f"no hyper-parameter {pname!r} recorded; recorded: {sorted(self.hypers)}")
         fig, ax = plt.subplots()
@@ -124,7 +124,7 @@ class Recorder(Callback):
 
     def plot_loss(self, skip_last: int = 0):
         """Plot the training loss per batch (dropping the last `skip_last`); returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
             raise ValueError(f"skip_last must be an int >= 0, got {skip_last!r}")
         losses = self.losses
@@ -145,7 +145,7 @@ class Recorder(Callback):
 
     def plot(self, skip_last: int = 0, pgid: int = -1):
         """Loss against learning rate on a log axis, the suggested lr marked (for the LR finder); returns the figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         lrs, losses = _sweep_points(self._lrs_of(pgid), self.losses, skip_last)
         fig, ax = plt.subplots()
         ax.plot(lrs, losses, alpha=0.4, label='loss')
@@ -166,5 +166,4 @@ class Recorder(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.hypers = {k: [list(g) for g in v] for k, v in state['hypers'].items()}
-        """Restore what `state_dict` returned."""
         self._losses, self._loaded_losses = [], state['losses'].float().cpu().reshape(-1)

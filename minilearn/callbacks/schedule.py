@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from ..core import listify
-from ..callback import Callback, CancelTrainException, Order
+from ..core import check_positive, listify
+from ..serialization import get_rng_states, set_rng_states
+from ..callback import Callback, CancelTrainException, Order, flag
 from .recorder import Recorder, suggest_lr
 
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
@@ -193,11 +194,6 @@ class ParamScheduler(Callback):
 
 
 # ---- one cycle -----------------------------------------------------------------------------------
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def _n_param_groups(learn: Any) -> int:
     if learn.opt is not None: return len(learn.opt.param_groups)
     groups = list(learn.splitter(learn.model))  # as Learner.create_opt reads them
@@ -206,7 +202,7 @@ def _n_param_groups(learn: Any) -> int:
 
 def _one_cycle_args(learn: Any, max_lr: Any, pct_start: Any, div: Any, div_final: Any, moms: Any) -> list[float]:
     max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr]
-    for lr in max_lrs: _check_positive('max_lr', lr)
+    for lr in max_lrs: check_positive('max_lr', lr)
     if len(max_lrs) > 1:
         n_groups = _n_param_groups(learn)
         if len(max_lrs) != n_groups:
@@ -214,8 +210,8 @@ def _one_cycle_args(learn: Any, max_lr: Any, pct_start: Any, div: Any, div_final
                              f"pass one learning rate or exactly one per group")
     if isinstance(pct_start, bool) or not isinstance(pct_start, Real) or not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must be a fraction in [0, 1], got {pct_start!r}")
-    _check_positive('div', div)
-    _check_positive('div_final', div_final)
+    check_positive('div', div)
+    check_positive('div_final', div_final)
     if moms is not None:
         if (not isinstance(moms, (list, tuple)) or len(moms) != 2
                 or not all(isinstance(m, Real) and not isinstance(m, bool) and 0 <= m < 1 for m in moms)):
@@ -246,7 +242,6 @@ def fit_one_cycle(learn: Any, epochs: int, max_lr: float | Sequence[float] | Non
 # ---- LR finder -------------------------------------------------------------------------------------
 def _snapshot(learn: Any) -> dict:
     model, opt = learn.model, learn.opt
-    from ..serialization import get_rng_states
     rng = get_rng_states()
     return {'model': copy.deepcopy(model.state_dict()),
             'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
@@ -259,7 +254,6 @@ def _restore(learn: Any, saved: dict) -> None:
     for p, grad in zip(learn.model.parameters(), saved['grads']): p.grad = grad
     for module, training in saved['training']: module.training = training
     learn.opt.load_state_dict(saved['opt'])
-    from ..serialization import set_rng_states
     set_rng_states(saved['rng'])
 
 
@@ -278,15 +272,15 @@ class LR_Find(Callback):
     def __init__(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10.):
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        _check_positive('min_lr', min_lr)
-        _check_positive('max_lr', max_lr)
+        check_positive('min_lr', min_lr)
+        check_positive('max_lr', max_lr)
         if not min_lr < max_lr: raise ValueError(f"min_lr ({min_lr}) must be smaller than max_lr ({max_lr})")
         self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
         self._saved: dict | None = None
 
     @property
     def name(self) -> str:
-        """`lr_finder` (other callbacks can test `hasattr(learn, 'lr_finder')` to stand aside during a sweep)."""
+        """`lr_finder`, the learner attribute the finder appears as during a sweep."""
         return 'lr_finder'
 
     def begin_fit(self) -> None:
@@ -351,7 +345,7 @@ def lr_find(learn: Any, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float
     finder = LR_Find(max_iter=max_iter, min_lr=min_lr, max_lr=max_lr)
     if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
         raise ValueError(f"skip_last must be an int >= 0, got {skip_last!r}")
-    recorder = next((cb for cb in learn.cbs if cb.name == 'recorder'), None)
+    recorder = learn.find_cb(Recorder)
     if recorder is None:
         recorder = Recorder()
         learn.add_cb(recorder)
@@ -361,7 +355,7 @@ def lr_find(learn: Any, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float
         n_batches = 1  # fit explains the problem
     had_opt = learn.opt is not None
     # Stats, loggers, checkpoints and telemetry stand aside: the sweep must not touch their records or files.
-    aside = [cb for cb in learn.cbs if not getattr(type(cb), 'run_during_lr_find', True)]
+    aside = [cb for cb in learn.cbs if not flag(cb, 'run_during_lr_find')]
     learn.remove_cbs(aside)
     try:
         learn.fit(max(1, math.ceil(max_iter / max(n_batches, 1))), cbs=[finder] + listify(cbs))

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .transforms import show_batch
+
 __all__ = ['Dataset', 'DataBunch', 'get_dls']
 
 
@@ -73,7 +75,6 @@ class DataBunch:
 
         `norm` (a `(mean, std)` pair, a `Normalize` or a normalization callback) undoes normalization.
         """
-        from .transforms import show_batch
         dl = self.valid_dl if valid else self.train_dl
         if dl is None: raise ValueError("this DataBunch has no validation loader; use show_batch(valid=False)")
         xb, yb = next(iter(dl))

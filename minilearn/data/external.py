@@ -11,6 +11,7 @@ the module logs to the `minilearn.data.external` logger and prints nothing.
 from __future__ import annotations
 
 import contextlib
+import codecs
 import gzip
 import hashlib
 import http.client
@@ -23,7 +24,6 @@ import pickle
 import posixpath
 import shutil
 import struct
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from ..core import is_interactive
 from .core import DataBunch
 from .items import CategoryProcessor, ItemList, LabeledData, SplitData, label_image_folder
 from .transforms import make_rgb, to_byte_tensor, to_float_tensor
@@ -123,11 +124,6 @@ def file_md5(path: str | Path) -> str:
 
 # ---- downloading -------------------------------------------------------------------------------
 
-def _interactive() -> bool:
-    from fastprogress.fastprogress import IN_NOTEBOOK
-    return bool(IN_NOTEBOOK) or (hasattr(sys.stdout, 'isatty') and sys.stdout.isatty())
-
-
 class _ProgressBar:
     """A fastprogress bar counting MiB."""
 
@@ -143,7 +139,7 @@ class _ProgressBar:
 
 def _reporter(progress: Any, total: int | None) -> Callable[[int, int | None], None] | None:
     if callable(progress): return progress
-    show = _interactive() if progress is None else bool(progress)
+    show = is_interactive() if progress is None else bool(progress)
     return _ProgressBar(total) if show and total else None
 
 
@@ -412,7 +408,6 @@ class _CifarUnpickler(pickle.Unpickler):
             return _numpy_reconstruct()
         if (module, name) in (('numpy', 'ndarray'), ('numpy', 'dtype')): return getattr(np, name)
         if (module, name) == ('_codecs', 'encode'):
-            import codecs
             return codecs.encode
         raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR-10 batch file")
 

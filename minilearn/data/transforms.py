@@ -138,7 +138,7 @@ def _as_hwc(im: Any) -> np.ndarray:
 
 def show_image(im: Any, ax: Any = None, figsize: tuple = (3, 3), title: str | None = None):
     """Show one image (CHW tensor, PIL image or array) without axes; returns the figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
     if ax is None: _, ax = plt.subplots(figsize=figsize)
     arr = _as_hwc(im)
     ax.imshow(arr, cmap='gray' if arr.ndim == 2 else None)
@@ -153,7 +153,7 @@ def show_batch(xb: torch.Tensor, yb: Any = None, vocab: Sequence | None = None, 
 
     `norm` (a `(mean, std)` pair, a `Normalize` or a normalization callback) undoes normalization first.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
     n = min(n, len(xb))
     if n < 1: raise ValueError("show_batch needs at least one image")
     ncols = ncols or math.ceil(math.sqrt(n))
