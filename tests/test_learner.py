@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import linear_data, mlp, same_weights, weights
 from minilearn.learner import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException,
-                               Learner)
+                               Learner, TrainEvalCallback)
 
 
 class Probe(Callback):
@@ -387,3 +387,44 @@ def test_star_import_gives_the_public_api():
                  'ProgressCallback', 'Recorder', 'DataBunch', 'MixUp', 'LabelSmoothingCrossEntropy', 'ImageList',
                  'SplitData', 'label_by_func', 'ParamScheduler', 'combine_scheds', 'partial'):
         assert name in namespace, name
+
+
+def test_find_cb_finds_by_class_subclass_and_the_course_attribute_name():
+    from minilearn.callbacks.metrics import AvgStatsCallback
+    from minilearn.callbacks.recorder import Recorder
+
+    class MyStats(AvgStatsCallback):
+        pass
+
+    class CourseRecorder(Callback):  # a course-style class attached under our Recorder's attribute name
+        name = 'recorder'
+
+    stats, course = MyStats([]), CourseRecorder()
+    learn = Learner(mlp(), linear_data(), F.cross_entropy, cbs=[stats, course])
+    assert learn.find_cb(AvgStatsCallback) is stats and learn.find_cb(MyStats) is stats
+    assert learn.find_cb(Recorder) is course
+    assert learn.find_cb(TrainEvalCallback) is learn.train_eval
+    learn.remove_cbs([course])
+    learn.recorder = object()  # an attribute that is no attached callback is not found
+    assert learn.find_cb(Recorder) is None
+
+
+def test_old_import_paths_keep_working():
+    import minilearn
+    from minilearn.callbacks.transforms import Normalize, channel_stats, norm_stats, normalize_chan
+    from minilearn.datasets import ShapesDataset, URLs, untar_data
+    from minilearn.learner import Callback as OldCallback, TrainEvalCallback as OldTrainEval
+    assert OldCallback is minilearn.callback.Callback and OldTrainEval is minilearn.callback.TrainEvalCallback
+    assert (Normalize, channel_stats, norm_stats, normalize_chan) == (
+        minilearn.Normalize, minilearn.channel_stats, minilearn.norm_stats, minilearn.normalize_chan)
+    assert ShapesDataset is minilearn.data.shapes.ShapesDataset and untar_data is minilearn.untar_data
+    assert URLs is minilearn.URLs
+
+
+def test_order_table_places_the_library_callbacks():
+    from minilearn.callback import Order
+    from minilearn.callbacks.device import DeviceCallback
+    from minilearn.callbacks.mixup import MixUp
+    from minilearn.callbacks.transforms import BatchTransformXCallback
+    assert DeviceCallback._order == Order.DEVICE < BatchTransformXCallback._order == Order.BATCH_TRANSFORM
+    assert BatchTransformXCallback._order < MixUp._order == Order.MIX
