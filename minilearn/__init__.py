@@ -7,7 +7,8 @@ from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ct
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import MixUp, MixUpLoss
 from .callbacks.loggers import CSVLogger, TensorBoardCallback
-from .callbacks.metrics import AvgStats, AvgStatsCallback, accuracy, format_time
+from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
+                                format_time, precision_score, recall_score, top_k_accuracy)
 from .callbacks.precision import Compile, GradientAccumulation, GradientClipping, MixedPrecision
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
@@ -49,6 +50,8 @@ __all__ = [
     'DeviceCallback', 'CudaCallback', 'default_device', 'BatchTransformXCallback', 'normalize_chan', 'Normalize',
     'channel_stats', 'view_tfm', 'AvgStats', 'AvgStatsCallback', 'accuracy', 'format_time', 'ProgressCallback',
     'Recorder', 'suggest_lr', 'smooth_ema',
+    # metrics of the whole pass
+    'AccumMetric', 'top_k_accuracy', 'balanced_accuracy', 'f1_score', 'precision_score', 'recall_score',
     # schedules and telemetry
     'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
     'create_phases', 'ParamScheduler', 'LR_Find', 'fit_one_cycle', 'lr_find', 'Hook', 'Hooks', 'ActivationStats',

@@ -12,10 +12,13 @@ from .core import unwrap_loss
 from .data.core import Dataset
 from .data.items import LabeledData
 
-__all__ = ['is_class_index_loss', 'check_batch', 'check_dataset_targets']
+__all__ = ['is_class_index_loss', 'is_elementwise_loss', 'check_batch', 'check_dataset_targets']
 
 _CLASS_INDEX_FUNCS = (F.cross_entropy, F.nll_loss)
 _CLASS_INDEX_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+# Losses comparing prediction and target element by element; torch only warns, then broadcasts, when their shapes differ.
+_ELEMENTWISE_FUNCS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 
 
 def is_class_index_loss(loss_func: Any) -> bool:
@@ -26,6 +29,29 @@ def is_class_index_loss(loss_func: Any) -> bool:
             or getattr(loss_func, 'class_index_targets', False) is True)
 
 
+def is_elementwise_loss(loss_func: Any) -> bool:
+    """True for losses that compare prediction and target element by element (MSE, L1, smooth L1, Huber)."""
+    loss_func = unwrap_loss(loss_func)
+    if isinstance(loss_func, functools.partial): loss_func = loss_func.func
+    return loss_func in _ELEMENTWISE_FUNCS or isinstance(loss_func, _ELEMENTWISE_MODULES)
+
+
+def _check_elementwise(pred: torch.Tensor, yb: torch.Tensor, name: str) -> None:
+    if yb.shape == pred.shape: return
+    shapes = f"target shape {tuple(yb.shape)} does not match the model output {tuple(pred.shape)}"
+    if not yb.is_floating_point() and pred.ndim >= 2 and tuple(yb.shape) == (pred.shape[0],) + tuple(pred.shape[2:]):
+        raise ValueError(f"{shapes}: {name} compares them element by element, and these targets look like class "
+                         f"indices. For classification use F.cross_entropy (or LabelSmoothingCrossEntropy); to "
+                         f"regress on one-hot targets, give {name} F.one_hot(yb, {pred.shape[1]}).float()")
+    if yb.numel() == pred.numel():
+        per_item = ', '.join(str(d) for d in pred.shape[1:])
+        raise ValueError(f"{shapes}: {name} compares them element by element and would broadcast them instead. "
+                         f"Give the targets the output's shape (yb.view(-1, {per_item}), in the dataset or a "
+                         f"transform), or reshape the model output")
+    raise ValueError(f"{shapes}: {name} compares them element by element; give the targets the output's shape, "
+                     f"or make the model output {tuple(yb.shape[1:]) or 'one value'} per item")
+
+
 def _loss_name(loss_func: Any) -> str:
     loss_func = unwrap_loss(loss_func)
     return getattr(loss_func, '__name__', None) or type(loss_func).__name__
@@ -33,8 +59,9 @@ def _loss_name(loss_func: Any) -> str:
 
 def check_batch(pred: Any, yb: Any, loss_func: Any) -> None:
     """Raise a clear error when targets cannot go with this model output and loss (reads the batch once)."""
-    if not (isinstance(pred, torch.Tensor) and isinstance(yb, torch.Tensor) and is_class_index_loss(loss_func)):
-        return
+    if not (isinstance(pred, torch.Tensor) and isinstance(yb, torch.Tensor)): return
+    if is_elementwise_loss(loss_func): return _check_elementwise(pred, yb, _loss_name(loss_func))
+    if not is_class_index_loss(loss_func): return
     name = _loss_name(loss_func)
     if pred.ndim < 2:
         raise ValueError(f"{name} needs model outputs of shape (N, C, ...) with one score per class; the model "

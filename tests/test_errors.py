@@ -294,6 +294,23 @@ def test_target_shape_mismatch():
     fit_fails(learn, ValueError, 'target shape (8, 1) does not match the model output (8, 3)')
 
 
+@pytest.mark.parametrize('loss_func', [F.mse_loss, nn.MSELoss(), partial(F.l1_loss), nn.HuberLoss()])
+def test_an_elementwise_loss_with_class_index_targets_names_shapes_and_fix(loss_func):
+    # torch would only warn, then fail inside the loss with a broadcasting error (or broadcast silently)
+    learn = trained_learner()
+    learn.loss_func, learn.data = loss_func, data_with_targets(torch.tensor([0, 1, 2, 1] * 4))
+    fit_fails(learn, ValueError, 'target shape (8,) does not match the model output (8, 3)', 'class indices',
+              'F.cross_entropy', 'F.one_hot(yb, 3).float()')
+
+
+def test_an_elementwise_loss_with_targets_that_would_broadcast():
+    learn = trained_learner()
+    learn.model = nn.Sequential(learn.model, nn.Linear(3, 1))
+    learn.loss_func, learn.data = F.mse_loss, data_with_targets(torch.tensor([0., 1., 2., 1.] * 4))
+    learn.opt = None  # the new layer's parameters
+    fit_fails(learn, ValueError, 'target shape (8,) does not match the model output (8, 1)', 'yb.view(-1, 1)')
+
+
 def test_model_output_without_a_class_dimension():
     learn = learner_on(torch.tensor([0, 1, 2, 1] * 4))
     learn.model = nn.Sequential(learn.model, nn.Flatten(0))

@@ -23,26 +23,62 @@ def test_smooth_ema_matches_a_hand_computation():
         smooth_ema(values, 1.)
 
 
-def test_suggest_lr_is_the_steepest_descent_of_the_curve():
+def test_suggest_lr_steep_is_the_steepest_descent_of_the_curve():
     lrs = list(np.logspace(-5, 0, 41))
     log_lr = np.log10(lrs)
     losses = list(1.5 - np.tanh(3 * (log_lr + 2)))  # steepest fall at lr = 1e-2
-    assert suggest_lr(lrs, losses, beta=0.) == pytest.approx(1e-2)
-    smoothed = suggest_lr(lrs, losses)  # the default smoothing lags: same region, never outside the sweep
+    assert suggest_lr(lrs, losses, beta=0., method='steep') == pytest.approx(1e-2)
+    smoothed = suggest_lr(lrs, losses, method='steep')  # the default smoothing lags: same region, never outside
     assert 1e-2 <= smoothed <= 1e-1 and smoothed in lrs
+
+
+# A sweep of 51 lrs from 1e-5 to 1: flat loss up to 1e-3, a straight fall (in log lr) to 1e-1, then divergence.
+SWEEP_LRS = list(np.logspace(-5, 0, 51))
+_i = np.arange(51)
+FLAT_FALL_DIVERGE = np.where(_i < 20, 2.0, np.where(_i <= 40, 2.0 - 1.6 * (_i - 20) / 20, 0.4 + 0.5 * (_i - 40) ** 2))
+
+
+def test_suggest_lr_valley_is_halfway_along_the_fall():
+    # Unsmoothed, the longest decreasing run is the fall from 1e-3 to 1e-1: halfway along it (in log lr) is 1e-2.
+    assert suggest_lr(SWEEP_LRS, list(FLAT_FALL_DIVERGE), beta=0.) == pytest.approx(1e-2)
+    assert suggest_lr(SWEEP_LRS, list(FLAT_FALL_DIVERGE), beta=0., method='valley') == pytest.approx(1e-2)
+    for seed in range(5):  # noise on every point, default smoothing: still inside the fall, never on the flat start
+        noisy = FLAT_FALL_DIVERGE + np.random.default_rng(seed).normal(0, 0.05, 51)
+        assert 1e-3 <= suggest_lr(SWEEP_LRS, list(noisy)) <= 1e-1
+
+
+# A recorded sweep (the quick-start notebook's: shapes data, the course CNN, Adam, lr 1e-4 -> 1 over 60
+# batches) whose start is flat and noisy: steepest descent of the smoothed loss lands there (7.4e-04), while
+# the loss falls between 1e-2 and 1e-1.
+RECORDED_LRS = [1e-4 * 1e4 ** (i / 60) for i in range(60)]
+RECORDED_LOSSES = [
+    2.422, 2.4466, 2.4755, 2.4572, 2.55, 2.5594, 2.5456, 2.5224, 2.553, 2.5749, 2.4816, 2.5274, 2.4163, 2.2589,
+    2.3247, 2.5541, 2.3952, 2.4738, 2.5247, 2.3716, 2.4315, 2.5666, 2.243, 2.2341, 2.3815, 2.2162, 2.1653, 2.4066,
+    2.2058, 2.2937, 2.4103, 2.1963, 2.3416, 2.2248, 2.4197, 2.1598, 2.1786, 2.3033, 2.2864, 2.1757, 2.3017, 2.1826,
+    2.0951, 2.266, 2.4865, 2.2497, 2.2583, 2.0387, 2.2154, 2.0746, 2.0971, 2.2327, 1.9912, 2.2277, 2.4366, 2.3784,
+    2.5139, 3.0556, 3.903, 7.3367]
+
+
+def test_suggest_lr_does_not_land_on_the_flat_noisy_start_of_a_real_sweep():
+    assert suggest_lr(RECORDED_LRS, RECORDED_LOSSES, method='steep') < 1e-3  # the old rule's answer
+    for skip_last in (0, 3, 5):
+        assert 5e-3 <= suggest_lr(RECORDED_LRS, RECORDED_LOSSES, skip_last=skip_last) <= 1e-1
 
 
 def test_suggest_lr_ignores_non_finite_tail_and_skip_last():
     lrs = [10 ** (-4 + i / 4) for i in range(20)]
     losses = [2.] * 8 + [2. - 0.1 * i for i in range(1, 9)] + [1.5, 5., math.inf, math.nan]
-    assert suggest_lr(lrs, losses, beta=0.) in lrs[8:16]
+    for method in ('valley', 'steep'):
+        assert suggest_lr(lrs, losses, beta=0., method=method) in lrs[8:16]
     spiky = losses[:16] + [-100., math.nan, 1., 1.]  # a spurious drop just before the blow-up
-    assert suggest_lr(lrs, spiky, beta=0.) == lrs[16]
-    assert suggest_lr(lrs, spiky, skip_last=4, beta=0.) in lrs[8:16]
+    assert suggest_lr(lrs, spiky, beta=0., method='steep') == lrs[16]
+    assert suggest_lr(lrs, spiky, skip_last=4, beta=0., method='steep') in lrs[8:16]
     with pytest.raises(ValueError, match='too few finite losses'):
         suggest_lr(lrs[:4], [1., math.nan, 1., 1.])
     with pytest.raises(ValueError, match='skip_last'):
         suggest_lr(lrs, losses, skip_last=-2)
+    with pytest.raises(ValueError, match="method must be one of \\('valley', 'steep'\\)"):
+        suggest_lr(lrs, losses, method='fastest')
 
 
 def _trained(**kwargs):
@@ -107,3 +143,33 @@ def test_recorder_joins_loaded_history_with_new_losses_on_another_device():
     assert rec.losses == [1.0, 0.5, 0.25]
     state = rec.state_dict()
     assert state['losses'].device.type == 'cpu' and state['losses'].tolist() == [1.0, 0.5, 0.25]
+
+
+def test_plot_loss_draws_the_validation_loss_per_epoch_beside_the_training_loss():
+    from minilearn.callbacks.metrics import AvgStatsCallback
+    learn = Learner(mlp(), linear_data(n_train=64, n_valid=32, bs=16), F.cross_entropy, lr=0.1,
+                    cbs=[AvgStatsCallback(), Recorder()])
+    learn.logger = lambda *a: None
+    learn.fit(3)
+    ax = learn.recorder.plot_loss().axes[0]
+    train, valid = ax.lines
+    assert len(train.get_ydata()) == 12 and train.get_label() == 'train' and valid.get_label() == 'valid'
+    assert list(valid.get_xdata()) == [3, 7, 11]  # the last training batch of each epoch
+    expected = [row['valid_loss'] for row in learn.avg_stats.history]
+    assert list(valid.get_ydata()) == pytest.approx(expected, rel=1e-6)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'valid']
+    assert len(learn.recorder.plot_loss(with_valid=False).axes[0].lines) == 1
+    # kept through a checkpoint (weights_only), and not drawn for an LR-finder sweep (no validation there)
+    buffer = io.BytesIO()
+    torch.save(learn.recorder.state_dict(), buffer)
+    buffer.seek(0)
+    copy = Recorder()
+    copy.load_state_dict(torch.load(buffer, weights_only=True))
+    assert copy.valid_losses == ([4, 8, 12], pytest.approx(expected, rel=1e-6))
+    learn.lr_find(max_iter=8)
+    assert learn.recorder.valid_losses == ([], []) and len(learn.recorder.plot_loss().axes[0].lines) == 1
+
+
+def test_plot_loss_without_validation_statistics_draws_the_training_loss_only():
+    rec = _trained().recorder  # no AvgStatsCallback
+    assert rec.valid_losses == ([], []) and len(rec.plot_loss().axes[0].lines) == 1

@@ -122,8 +122,9 @@ class DistributedCallback(Callback):
     gloo on CPU), moves the model to this process's device (`cuda:LOCAL_RANK` or the CPU) and wraps it
     in DistributedDataParallel, and replaces the DataLoaders by per-rank shards with the same settings
     (`shard_loader`). Every epoch it reseeds the training sampler (`set_epoch`) and, in `after_epoch`
-    before AvgStatsCallback reads them (its `_order` is lower), all-reduces the AvgStats sums and counts,
-    so every rank reports the figures of the whole dataset. On ranks other than 0 the logger does nothing
+    before AvgStatsCallback reads them (its `_order` is lower), combines every rank's AvgStats (`AvgStats.sync`:
+    sums and counts all-reduced, AccumMetric predictions all-gathered), so every rank reports the figures of
+    the whole dataset. On ranks other than 0 the logger does nothing
     and every callback with `main_process_only = True` (progress, loggers) is muted; checkpoints are
     written by rank 0 only (`learn.save`). `after_fit` restores the original model, data and logger.
     Without a distributed launch (WORLD_SIZE unset or 1) it does nothing, so the same script runs with
@@ -191,7 +192,7 @@ class DistributedCallback(Callback):
         if not self.active: return
         stats = [s for cb in self.run.cbs for s in (getattr(cb, 'train_stats', None), getattr(cb, 'valid_stats', None))
                  if isinstance(s, AvgStats)]
-        if stats: _all_reduce_stats(stats, self.device)
+        for s in stats: s.sync(self.device)
 
     def after_fit(self) -> None:
         if self.saved is None: return  # begin_fit did not wrap anything
@@ -203,18 +204,6 @@ class DistributedCallback(Callback):
         for cb, device in saved['devices']: cb.device = device
         self.run.model, self.run.data, self.run.logger = saved['model'], saved['data'], saved['logger']
         self.ddp = None
-
-
-def _all_reduce_stats(stats: list[AvgStats], device: torch.device) -> None:
-    """Sum every rank's AvgStats (count, loss and metric sums) into each, in one collective."""
-    values = []
-    for s in stats: values += [s.count, s.tot_loss, *s.tot_mets]
-    flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
-    dist.all_reduce(flat)
-    totals = iter(flat.tolist())  # once per epoch
-    for s in stats:
-        s.count, s.tot_loss = int(next(totals)), next(totals)
-        s.tot_mets = [next(totals) for _ in s.tot_mets]
 
 
 @contextmanager

@@ -1,17 +1,28 @@
-"""Running averages of the loss and metrics, per epoch, for training and validation."""
+"""Loss and metrics per epoch, for training and validation: averaged over the batches (functions such as
+`accuracy`), or computed once over the whole pass (`AccumMetric`, and any object with torchmetrics'
+`update(preds, target)`, `compute()`, `reset()`).
+
+The whole-pass metrics (top-k and balanced accuracy, F1, precision, recall) are written here rather than taken
+from torchmetrics or scikit-learn so that minilearn depends on neither: they run on the predictions' device, in
+a few tensor operations, once per pass. Any torchmetrics metric can be passed instead (duck typing, no import).
+"""
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..core import batch_size, callable_name, listify
 from ..callback import Callback
 
-__all__ = ['accuracy', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
+__all__ = ['accuracy', 'AccumMetric', 'top_k_accuracy', 'balanced_accuracy', 'f1_score', 'precision_score',
+           'recall_score', 'is_epoch_metric', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
 
 
 def accuracy(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -45,37 +56,350 @@ def _weighted_sum(total: Any, values: list, sizes: list[int]) -> Any:
     return total + (stacked * weights.view((-1,) + (1,) * (stacked.ndim - 1))).sum(0)
 
 
-class AvgStats:
-    """Sums of loss and metrics weighted by batch size, kept on the batch's device until read.
+# ---- metrics of the whole pass ----------------------------------------------------------------------------
+_EPOCH_METRIC_METHODS = ('update', 'compute', 'reset')
 
-    A batch only keeps its detached values (no arithmetic beyond the metrics themselves); they are
-    summed every `fold_every` batches and when `tot_loss`, `tot_mets` or the stats are read.
+
+def is_epoch_metric(metric: Any) -> bool:
+    """True for objects with torchmetrics' protocol (`update(preds, target)`, `compute()`, `reset()`), which
+    keep their own state over a pass instead of being averaged over batches."""
+    return not isinstance(metric, type) and all(callable(getattr(metric, m, None)) for m in _EPOCH_METRIC_METHODS)
+
+
+def _argmax_activation(preds: torch.Tensor) -> torch.Tensor:
+    return preds.argmax(dim=1)
+
+
+_ACTIVATIONS = {'softmax': functools.partial(torch.softmax, dim=1), 'sigmoid': torch.sigmoid,
+                'argmax': _argmax_activation}
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    # A CUDA tensor copied to pinned memory without waiting (compute() waits once); other devices copy now.
+    if t.device.type == 'cpu': return t
+    if t.device.type != 'cuda': return t.to('cpu')
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+class AccumMetric:
+    """A metric of the whole pass: keeps every batch's predictions and targets and returns
+    `func(activation(preds), targets)` on all of them at once, when the pass is over.
+
+    For F1, precision/recall, balanced accuracy, AUROC...: the mean of per-batch values is not the value on the
+    epoch. Predictions stay on their device (no host read per batch); `to_cpu=True` keeps them in host memory
+    instead (copied from CUDA without waiting). `activation` is None, 'softmax', 'sigmoid', 'argmax' (over
+    dim 1) or a function, applied once to the joined predictions. Under DistributedDataParallel the
+    predictions of every rank are gathered before `func` runs (`all_gather`, called by DistributedCallback).
+    Has torchmetrics' protocol (`update`, `compute`, `reset`); `AvgStats` works on its own copy.
+    """
+
+    def __init__(self, func: Callable, name: str | None = None, activation: str | Callable | None = None,
+                 to_cpu: bool = False):
+        if not callable(func): raise TypeError(f"func must be callable as func(preds, targets), got {func!r}")
+        if activation is not None and not callable(activation) and activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or a function, got {activation!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty str (the column name), got {name!r}")
+        self.func, self.activation, self.to_cpu = func, activation, bool(to_cpu)
+        self.__name__ = name or metric_name(func)  # metric_name() reads it: the column is train_<name>/valid_<name>
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the pass's predictions and targets."""
+        self.preds: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self._copying = None  # the CUDA event after the latest copy to pinned memory, when to_cpu
+        self._loaded = False  # restored from a checkpoint on the CPU: moved to the next batch's device
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Keep one batch's predictions and targets (detached, no host read)."""
+        if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError(f"{self.__name__} keeps tensors: the model output and the targets must be tensors, got "
+                            f"{type(preds).__name__} and {type(target).__name__}")
+        preds, target = preds.detach(), target.detach()
+        if self._loaded:
+            self._loaded = False
+            if not self.to_cpu:
+                self.preds = [p.to(preds.device) for p in self.preds]
+                self.targets = [t.to(target.device) for t in self.targets]
+        if self.to_cpu:
+            preds, target = _host_copy(preds), _host_copy(target)
+            if torch.cuda.is_available() and preds.is_pinned():
+                self._copying = torch.cuda.Event()
+                self._copying.record()
+        self.preds.append(preds)
+        self.targets.append(target)
+
+    def _joined(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self._copying is not None:
+            self._copying.synchronize()
+            self._copying = None
+        if not self.preds: return None, None
+        if len(self.preds) > 1: self.preds, self.targets = [torch.cat(self.preds)], [torch.cat(self.targets)]
+        return self.preds[0], self.targets[0]
+
+    def compute(self) -> Any:
+        """`func(activation(preds), targets)` over every kept batch; nan when nothing was kept."""
+        preds, targets = self._joined()
+        if preds is None: return math.nan
+        activation = _ACTIVATIONS.get(self.activation, self.activation) if isinstance(self.activation, str) else self.activation
+        return self.func(preds if activation is None else activation(preds), targets)
+
+    def all_gather(self, device: torch.device | str | None = None) -> None:
+        """Replace the kept predictions and targets by those of every rank of torch.distributed (collective)."""
+        preds, targets = self._joined()
+        home = torch.device('cpu') if self.to_cpu else None
+        preds, targets = _all_gather_rows(preds, device, home), _all_gather_rows(targets, device, home)
+        self.preds, self.targets = ([], []) if preds is None else ([preds], [targets])
+
+    def state_dict(self) -> dict:
+        """The predictions and targets kept so far, on the CPU (for a checkpoint taken inside a pass)."""
+        preds, targets = self._joined()
+        return {'preds': None if preds is None else preds.cpu(), 'targets': None if targets is None else targets.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (moved to the device of the next batch)."""
+        self.reset()
+        if state['preds'] is not None:
+            self.preds, self.targets, self._loaded = [state['preds']], [state['targets']], True
+
+    def __repr__(self) -> str:
+        return f'AccumMetric({metric_name(self.func)}, name={self.__name__!r})'
+
+
+def _all_gather_rows(t: torch.Tensor | None, device: Any, home: torch.device | None) -> torch.Tensor | None:
+    """Every rank's `t` joined along dim 0 (ranks may hold different numbers of rows, or none)."""
+    meta = None if t is None else (t.shape[0], tuple(t.shape[1:]), str(t.dtype).replace('torch.', ''))
+    metas: list = [None] * dist.get_world_size()
+    dist.all_gather_object(metas, meta)
+    known = [m for m in metas if m is not None]
+    if not known: return t
+    if any(m[1:] != known[0][1:] for m in known):
+        raise RuntimeError(f"AccumMetric: the ranks kept predictions or targets of different shapes or dtypes "
+                           f"({sorted({m[1:] for m in known})}); every rank must give the same per-item shape")
+    trailing, dtype = known[0][1], getattr(torch, known[0][2])
+    device = torch.device(device) if device is not None else (t.device if t is not None else torch.device('cpu'))
+    rows = [0 if m is None else m[0] for m in metas]
+    padded = torch.zeros((max(rows),) + trailing, dtype=dtype, device=device)  # all_gather needs one shape
+    if t is not None: padded[:t.shape[0]] = t.to(device)
+    out = [torch.empty_like(padded) for _ in metas]
+    dist.all_gather(out, padded)
+    home = home if home is not None else (t.device if t is not None else device)
+    return torch.cat([o[:n] for o, n in zip(out, rows)]).to(home)
+
+
+def _metric_factory(func: Callable) -> Callable:
+    func._builds_epoch_metric = True  # AvgStats names the mistake of passing the factory itself
+    return func
+
+
+def _class_predictions(preds: torch.Tensor, targets: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, targets), flattened: argmax over dim 1 of (N, C, ...) scores against (N, ...) indices."""
+    if preds.ndim < 2 or preds.shape[1] < 2:
+        raise ValueError(f"{who} needs scores of shape (N, C, ...) with C >= 2 classes, got shape {tuple(preds.shape)}; "
+                         f"for one output per item give the model two outputs, or pass AccumMetric(your_function)")
+    expected = (preds.shape[0],) + tuple(preds.shape[2:])
+    if tuple(targets.shape) != expected or targets.is_floating_point():
+        raise ValueError(f"{who} needs integer class indices of shape {expected} for scores of shape "
+                         f"{tuple(preds.shape)}, got {targets.dtype} targets of shape {tuple(targets.shape)}")
+    return preds.argmax(dim=1).reshape(-1), targets.reshape(-1)
+
+
+def _confusion(preds: torch.Tensor, targets: torch.Tensor, who: str) -> torch.Tensor:
+    """(C, C) counts, rows the targets and columns the predictions; targets outside [0, C) (ignore_index) left out."""
+    predicted, targets = _class_predictions(preds, targets, who)
+    n = preds.shape[1]
+    kept = (targets >= 0) & (targets < n)
+    index = torch.where(kept, targets * n + predicted, n * n)  # left-out items land in a spare bin
+    return torch.bincount(index, minlength=n * n + 1)[:n * n].reshape(n, n)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num / den.clamp(min=1)  # 0 where the denominator is 0 (scikit-learn's zero_division=0)
+
+
+def _per_class_average(scores: torch.Tensor, cm: torch.Tensor, average: str) -> torch.Tensor:
+    support, predicted = cm.sum(1).double(), cm.sum(0).double()
+    if average == 'weighted': return (scores * support).sum() / support.sum().clamp(min=1)
+    seen = ((support + predicted) > 0).double()  # classes among the targets or the predictions, as scikit-learn
+    return (scores * seen).sum() / seen.sum().clamp(min=1)
+
+
+_AVERAGES = ('macro', 'weighted', 'micro')
+
+
+def _check_average(average: Any, who: str) -> None:
+    if average not in _AVERAGES: raise ValueError(f"{who}: average must be one of {_AVERAGES}, got {average!r}")
+
+
+def _score(preds: torch.Tensor, targets: torch.Tensor, kind: str, average: str) -> torch.Tensor:
+    """Precision, recall or F1 of the class predictions, averaged over classes as scikit-learn does."""
+    cm = _confusion(preds, targets, f'{kind}_score')
+    tp, support, predicted = cm.diag().double(), cm.sum(1).double(), cm.sum(0).double()
+    if average == 'micro':  # every item counted once: precision = recall = F1 = accuracy over the counted items
+        tp, support, predicted = tp.sum(), support.sum(), predicted.sum()
+    scores = {'precision': lambda: _ratio(tp, predicted), 'recall': lambda: _ratio(tp, support),
+              'f1': lambda: _ratio(2 * tp, support + predicted)}[kind]()
+    return scores if average == 'micro' else _per_class_average(scores, cm, average)
+
+
+def _named(kind: str, average: str) -> str:
+    return f'{kind}_score' if average == 'macro' else f'{kind}_score_{average}'
+
+
+@_metric_factory
+def f1_score(average: str = 'macro') -> AccumMetric:
+    """F1 over the whole pass (argmax of (N, C, ...) scores vs class indices); 'macro' (classes weigh the same),
+    'weighted' (by support) or 'micro'. Column `f1_score` (`f1_score_<average>` for the others)."""
+    _check_average(average, 'f1_score')
+    return AccumMetric(functools.partial(_score, kind='f1', average=average), name=_named('f1', average))
+
+
+@_metric_factory
+def precision_score(average: str = 'macro') -> AccumMetric:
+    """Precision over the whole pass (0 for a class never predicted); averaged as in `f1_score`."""
+    _check_average(average, 'precision_score')
+    return AccumMetric(functools.partial(_score, kind='precision', average=average), name=_named('precision', average))
+
+
+@_metric_factory
+def recall_score(average: str = 'macro') -> AccumMetric:
+    """Recall over the whole pass; averaged as in `f1_score` (macro recall over the targets' classes is
+    `balanced_accuracy`)."""
+    _check_average(average, 'recall_score')
+    return AccumMetric(functools.partial(_score, kind='recall', average=average), name=_named('recall', average))
+
+
+def _balanced_accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    cm = _confusion(preds, targets, 'balanced_accuracy')
+    support = cm.sum(1).double()
+    present = (support > 0).double()  # the mean recall over the classes that occur among the targets
+    return (_ratio(cm.diag().double(), support) * present).sum() / present.sum().clamp(min=1)
+
+
+@_metric_factory
+def balanced_accuracy() -> AccumMetric:
+    """The mean over the targets' classes of each class's recall, over the whole pass (column `balanced_accuracy`)."""
+    return AccumMetric(_balanced_accuracy, name='balanced_accuracy')
+
+
+def _top_k_accuracy(preds: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    _class_predictions(preds, targets, f'top_{k}_accuracy')
+    if k > preds.shape[1]:
+        raise ValueError(f"top_k_accuracy(k={k}) needs at least {k} classes; the model outputs {preds.shape[1]}")
+    top = preds.topk(k, dim=1).indices
+    return (top == targets.unsqueeze(1)).any(dim=1).double().mean()
+
+
+@_metric_factory
+def top_k_accuracy(k: int = 5) -> AccumMetric:
+    """Fraction of items whose target is among the `k` highest scores (column `top_<k>_accuracy`)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
+    return AccumMetric(functools.partial(_top_k_accuracy, k=k), name=f'top_{k}_accuracy')
+
+
+# ---- per-epoch statistics -----------------------------------------------------------------------------------
+def _prepared(metric: Any) -> Any:
+    name = getattr(metric, '__name__', None) or type(metric).__name__
+    if getattr(metric, '_builds_epoch_metric', False):
+        raise TypeError(f"{name} builds a metric: pass {name}() (for example AvgStatsCallback([accuracy, {name}()]))")
+    if isinstance(metric, type):
+        raise TypeError(f"metric {name} is a class: pass an instance ({name}(...))")
+    if is_epoch_metric(metric): return copy.deepcopy(metric)  # each pass (training, validation) keeps its own state
+    if not callable(metric):
+        raise TypeError(f"a metric is a function metric(pred, yb) averaged over batches, or an object with "
+                        f"update(preds, target), compute() and reset() (AccumMetric, torchmetrics); got {metric!r}")
+    return metric
+
+
+def _to_host(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _to_number(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {name!r} returned a tensor of shape {tuple(value.shape)}; a column holds one "
+                             f"number (average the per-class values, e.g. average='macro')")
+        return value.item()
+    return float(value)
+
+
+class AvgStats:
+    """Loss and metrics of one pass (training or validation) of an epoch.
+
+    The loss and function metrics (`accuracy`...) are averaged over the items: sums weighted by batch size,
+    kept on the batch's device until read (a batch only keeps its detached values; they are summed every
+    `fold_every` batches and when read). Metrics with torchmetrics' protocol (`AccumMetric`, torchmetrics
+    objects; see `is_epoch_metric`) get `update(pred, yb)` per batch, are moved to the batch's device
+    (`.to(device)`, when they have it) and give `compute()` at the end; each AvgStats works on its own copy.
     """
     fold_every = 256
 
     def __init__(self, metrics: Any, in_train: bool):
-        self.metrics, self.in_train = listify(metrics), in_train
+        self.metrics, self.in_train = [_prepared(m) for m in listify(metrics)], in_train
+        self._epoch = [is_epoch_metric(m) for m in self.metrics]
+        names = [metric_name(m) for m in self.metrics]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two metrics are named {twice[0]!r} (one column each): give one another name, "
+                             f"e.g. AccumMetric(func, name=...)")
+        self._devices: list = [None] * len(self.metrics)
+        self._restored = False
         self.reset()
 
     def reset(self) -> None:
         """Start a new pass."""
-        self.count, self._tot_loss, self._tot_mets = 0, 0., [0.] * len(self.metrics)
-        self._pending: list[tuple[int, Any, list]] = []  # (batch size, loss, metric values) not summed yet
+        self.count, self.n_batches, self._tot_loss = 0, 0, 0.
+        self._tot_avg = [0.] * self._epoch.count(False)  # sums of the averaged metrics
+        self._pending: list[tuple[int, Any, list]] = []  # (batch size, loss, averaged metric values) not summed yet
+        self._restored = False
+        for m, is_epoch in zip(self.metrics, self._epoch):
+            if is_epoch: m.reset()
 
     def accumulate(self, run: Any) -> None:
         """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
+        if self._restored: self._continue(run)
         bn = batch_size(run.xb, run.yb)
         self.count += bn
-        self._pending.append((bn, _kept(run.loss), [_kept(m(run.pred, run.yb)) for m in self.metrics]))
+        self.n_batches += 1
+        values = []
+        for i, (m, is_epoch) in enumerate(zip(self.metrics, self._epoch)):
+            if is_epoch: self._update(i, m, run.pred, run.yb)
+            else: values.append(_kept(m(run.pred, run.yb)))
+        self._pending.append((bn, _kept(run.loss), values))
         if len(self._pending) >= self.fold_every: self._fold()
+
+    def _update(self, i: int, metric: Any, pred: Any, yb: Any) -> None:
+        device = getattr(pred, 'device', None)
+        if device is not None and device != self._devices[i]:
+            self._devices[i] = device
+            if callable(getattr(metric, 'to', None)):  # torchmetrics' states follow the module
+                moved = metric.to(device)
+                if moved is not None and moved is not metric and is_epoch_metric(moved): self.metrics[i] = metric = moved
+        metric.update(pred, yb)
+
+    def _continue(self, run: Any) -> None:
+        # First batch after load_state_dict: the loop continues the saved pass at batch `n_batches` (an exact
+        # resume), or starts it again (then the saved part is dropped). The sums follow the batches' device.
+        self._restored = False
+        if getattr(run, 'iter', None) != self.n_batches:
+            self.reset()
+            return
+        device = getattr(run.loss, 'device', None)
+        if device is None: return
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+        self._tot_loss, self._tot_avg = move(self._tot_loss), [move(v) for v in self._tot_avg]
+        self._pending = [(bn, move(loss), [move(v) for v in values]) for bn, loss, values in self._pending]
 
     def _fold(self) -> None:
         if not self._pending: return
         pending, self._pending = self._pending, []
         sizes = [bn for bn, _, _ in pending]
         self._tot_loss = _weighted_sum(self._tot_loss, [loss for _, loss, _ in pending], sizes)
-        self._tot_mets = [_weighted_sum(total, [mets[i] for _, _, mets in pending], sizes)
-                          for i, total in enumerate(self._tot_mets)]
+        self._tot_avg = [_weighted_sum(total, [values[i] for _, _, values in pending], sizes)
+                         for i, total in enumerate(self._tot_avg)]
 
     @property
     def tot_loss(self) -> Any:
@@ -83,41 +407,78 @@ class AvgStats:
         self._fold()
         return self._tot_loss
 
-    @tot_loss.setter
-    def tot_loss(self, value: Any) -> None:
-        self._fold()
-        self._tot_loss = value
-
     @property
     def tot_mets(self) -> list:
-        """Each metric summed over items so far."""
+        """Each metric summed over items so far; None for the metrics of the whole pass (see `avg_stats`)."""
         self._fold()
-        return self._tot_mets
-
-    @tot_mets.setter
-    def tot_mets(self, values: list) -> None:
-        self._fold()
-        self._tot_mets = list(values)
+        sums = iter(self._tot_avg)
+        return [None if is_epoch else next(sums) for is_epoch in self._epoch]
 
     @property
-    def all_stats(self) -> list[float]:
-        """Summed loss then summed metrics, as Python floats (one read from the device)."""
+    def all_stats(self) -> list:
+        """Summed loss then summed metrics (None for the metrics of the whole pass), as Python floats."""
         sums = [self.tot_loss] + self.tot_mets
         tensors = [s for s in sums if isinstance(s, torch.Tensor)]
-        if not tensors: return [float(s) for s in sums]
-        values = iter(torch.stack([t.reshape(()) for t in tensors]).tolist())
-        return [next(values) if isinstance(s, torch.Tensor) else float(s) for s in sums]
+        values = iter(torch.stack([t.reshape(()) for t in tensors]).tolist() if tensors else [])  # one device read
+        return [None if s is None else next(values) if isinstance(s, torch.Tensor) else float(s) for s in sums]
+
+    @property
+    def avg_loss(self) -> Any:
+        """The average loss so far, without reading it from the device (nan before any batch)."""
+        return self.tot_loss / self.count if self.count else math.nan
 
     @property
     def avg_stats(self) -> list[float]:
-        """Average loss then average metrics over the pass (nan before any batch)."""
+        """Average loss then each metric over the pass (averaged, or `compute()` of the whole pass); nan before any batch."""
         if not self.count: return [math.nan] * (1 + len(self.metrics))
-        return [s / self.count for s in self.all_stats]
+        sums = self.all_stats
+        computed = [_to_number(m.compute(), metric_name(m)) if is_epoch else None
+                    for m, is_epoch in zip(self.metrics, self._epoch)]
+        return [sums[0] / self.count] + [c if is_epoch else s / self.count
+                                         for s, c, is_epoch in zip(sums[1:], computed, self._epoch)]
 
     @property
     def names(self) -> list[str]:
         prefix = 'train' if self.in_train else 'valid'
         return [f'{prefix}_loss'] + [f'{prefix}_{metric_name(m)}' for m in self.metrics]
+
+    def sync(self, device: torch.device | str | None = None) -> None:
+        """Make this pass that of every rank of torch.distributed: counts and sums all-reduced, AccumMetric
+        predictions all-gathered (collectives, once per epoch; DistributedCallback calls it). Other
+        whole-pass metrics synchronise themselves in `compute()`, as torchmetrics' do."""
+        values = [self.count, self.tot_loss, *self._tot_avg]
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+        dist.all_reduce(flat)
+        totals = flat.tolist()  # once per epoch
+        self.count, self._tot_loss, self._tot_avg = int(totals[0]), totals[1], totals[2:]
+        for m in self.metrics:
+            if isinstance(m, AccumMetric): m.all_gather(device)
+
+    def state_dict(self) -> dict:
+        """The pass so far (counts, sums, the values not summed yet, whole-pass metrics' states), on the CPU.
+
+        The values not summed yet are kept as they are, so a resumed pass sums them in the same order as an
+        uninterrupted one (bit-identical figures). A whole-pass metric other than AccumMetric is saved through its
+        own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
+        """
+        return {'count': self.count, 'n_batches': self.n_batches, 'tot_loss': _to_host(self._tot_loss),
+                'tot_avg': [_to_host(v) for v in self._tot_avg],
+                'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
+                'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
+                            for m, is_epoch in zip(self.metrics, self._epoch)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; the next batch continues that pass if it is its next batch."""
+        if len(state['metrics']) != len(self.metrics) or len(state['tot_avg']) != len(self._tot_avg):
+            raise ValueError(f"the saved statistics have {len(state['metrics'])} metrics, this AvgStats has "
+                             f"{len(self.metrics)} ({', '.join(self.names[1:])}): build it with the same metrics")
+        self.reset()
+        self.count, self.n_batches, self._tot_loss = int(state['count']), int(state['n_batches']), state['tot_loss']
+        self._tot_avg = list(state['tot_avg'])
+        self._pending = [(int(bn), loss, list(values)) for bn, loss, values in state['pending']]
+        for m, saved in zip(self.metrics, state['metrics']):
+            if saved is not None and callable(getattr(m, 'load_state_dict', None)): m.load_state_dict(saved)
+        self._restored = True
 
     def __repr__(self) -> str:
         if not self.count: return ''
@@ -125,12 +486,21 @@ class AvgStats:
 
 
 class AvgStatsCallback(Callback):
-    """Average loss and metrics per epoch; logs one row per epoch and keeps them in `history`."""
+    """Loss and metrics per epoch; logs one row per epoch and keeps them in `history`.
+
+    `metrics` are functions `metric(pred, yb)` averaged over the items (`accuracy`), or objects with
+    torchmetrics' `update`/`compute`/`reset` computed over the whole pass (`AccumMetric`, `f1_score()`,
+    `balanced_accuracy()`, `top_k_accuracy(k)`, torchmetrics metrics). A checkpoint taken inside an epoch
+    (`state_dict()` between `begin_epoch` and `after_epoch`) holds the epoch's passes so far, which a resume
+    of that epoch continues exactly; at an epoch boundary only `history` is saved.
+    """
     run_during_lr_find = False
 
     def __init__(self, metrics: Any = None):
         self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)
         self.history: list[dict] = []
+        self._open_epoch: int | None = None  # the epoch under way, between begin_epoch and after_epoch
+        self._partial: dict | None = None  # a loaded mid-epoch state, continued by begin_epoch of its epoch
 
     @property
     def metric_names(self) -> list[str]:
@@ -142,8 +512,14 @@ class AvgStatsCallback(Callback):
         self.run.logger(self.metric_names)
 
     def begin_epoch(self) -> None:
-        self.train_stats.reset()
-        self.valid_stats.reset()
+        partial, self._partial = self._partial, None
+        if partial is not None and partial['epoch'] == self.run.epoch:
+            self.train_stats.load_state_dict(partial['train'])
+            self.valid_stats.load_state_dict(partial['valid'])
+        else:
+            self.train_stats.reset()
+            self.valid_stats.reset()
+        self._open_epoch = self.run.epoch
         self.start_time = time.time()
 
     def after_loss(self) -> None:
@@ -157,11 +533,22 @@ class AvgStatsCallback(Callback):
                                                else [None] * len(self.valid_stats.names))
         row = {'epoch': self.run.epoch, **dict(zip(self.metric_names[1:-1], values)), 'time': elapsed}
         self.history.append(row)
+        self._open_epoch = None
         self.run.logger([str(self.run.epoch)] + ['-' if v is None else f'{v:.6f}' for v in values]
                         + [format_time(elapsed)])
 
+    def after_fit(self) -> None:
+        self._open_epoch = None
+
     def state_dict(self) -> dict:
-        return {'history': [dict(r) for r in self.history]}
+        """`history`, and inside an epoch the passes so far (sums, AccumMetric predictions) for an exact resume."""
+        state: dict = {'history': [dict(r) for r in self.history]}
+        if self._open_epoch is not None:
+            state['partial'] = {'epoch': self._open_epoch, 'train': self.train_stats.state_dict(),
+                                'valid': self.valid_stats.state_dict()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; a mid-epoch part is continued when that epoch begins again."""
         self.history = [dict(r) for r in state['history']]
+        self._partial = state.get('partial')

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..callback import Callback
+from .metrics import AvgStatsCallback
 
 __all__ = ['Recorder', 'smooth_ema', 'suggest_lr']
 
@@ -32,22 +33,45 @@ def _sweep_points(lrs: Sequence[float], losses: Sequence[float], skip_last: int)
     return lrs[:finite], losses[:finite]
 
 
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_last: int = 0, beta: float = 0.98) -> float:
-    """The recorded lr where the smoothed loss falls fastest (steepest descent), from an LR-finder sweep.
+_SUGGESTIONS = ('valley', 'steep')
 
-    Points after the first non-finite loss and the last `skip_last` points are left out.
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_last: int = 0, beta: float = 0.98,
+               method: str = 'valley') -> float:
+    """A learning rate from an LR-finder sweep, read on the smoothed loss (EMA, `beta`).
+
+    `'valley'` (the default, fastai's rule): the longest run over which the smoothed loss keeps falling, found
+    as its longest decreasing subsequence, and the lr halfway along it; it does not land on the flat, noisy
+    start of a sweep. `'steep'`: where the smoothed loss falls fastest. The first tenth of the points (the
+    smoothed loss is mostly noise there), the points after the first non-finite loss and the last `skip_last`
+    points are left out.
     """
+    if method not in _SUGGESTIONS: raise ValueError(f"method must be one of {_SUGGESTIONS}, got {method!r}")
     lrs, losses = _sweep_points(lrs, losses, skip_last)
     if len(losses) < 3:
         raise ValueError(f"too few finite losses ({len(losses)}) to suggest a learning rate: run a longer sweep "
                          f"(max_iter), start it lower (min_lr) or lower skip_last")
-    return float(lrs[_steepest(smooth_ema(losses, beta))])
+    return float(lrs[_suggestion(smooth_ema(losses, beta), method)])
 
 
-def _steepest(smoothed: Sequence[float]) -> int:
-    # The first tenth is left out (as fastai does): the smoothed loss is still mostly noise there.
-    start = min(len(smoothed) // 10, len(smoothed) - 3)
-    return start + int(np.argmin(np.gradient(np.array(smoothed[start:]))))
+def _suggestion(smoothed: Sequence[float], method: str = 'valley') -> int:
+    start = min(len(smoothed) // 10, len(smoothed) - 3)  # the first tenth is left out, as fastai does
+    curve = np.array(smoothed[start:])
+    if method == 'steep': return start + int(np.argmin(np.gradient(curve)))
+    return start + _valley(curve)
+
+
+def _valley(curve: np.ndarray) -> int:
+    """Index halfway along the longest decreasing subsequence of `curve`, spread back from its last point."""
+    longest = np.ones(len(curve), dtype=int)  # longest[i]: the longest decreasing subsequence ending at i
+    for i in range(1, len(curve)):
+        higher = curve[:i] > curve[i]
+        if higher.any(): longest[i] = longest[:i][higher].max() + 1
+    end = int(np.argmax(longest))
+    # As fastai: the valley is the window of that length ending at its lowest point (a few isolated points in
+    # the noisy start belong to the subsequence without stretching the window back to them).
+    begin = max(end - int(longest[end]) + 1, 0)
+    return (begin + end) // 2
 
 
 def _is_number(value: object) -> bool:
@@ -71,7 +95,8 @@ def _scalar_hypers(group: dict) -> dict[str, float]:
 
 
 class Recorder(Callback):
-    """Per training batch: every scalar hyper-parameter of each param group (`hypers`), and the loss.
+    """Per training batch: every scalar hyper-parameter of each param group (`hypers`), and the loss; per
+    epoch, the validation loss of AvgStatsCallback when there is one (`valid_losses`).
 
     Losses stay on the device (no host read per batch); `losses` converts them when read. After an
     LR-finder sweep, `plot()` draws loss against lr and `suggest_lr()` gives the suggested lr.
@@ -81,12 +106,18 @@ class Recorder(Callback):
         self.hypers: dict[str, list[list[float]]] = {}
         self._losses: list[torch.Tensor] = []
         self._loaded_losses = torch.zeros(0)  # history restored from a checkpoint
+        self._valid: list[tuple[int, object]] = []  # (training batches done, validation loss) per epoch
 
     def begin_fit(self) -> None:
         if self.run.start_epoch > 0 and len(self._loaded_losses): return  # resuming: keep the loaded record
         groups = self.run.opt.param_groups
         self.hypers = {name: [[] for _ in groups] for name in _scalar_hypers(groups[0])}
-        self._losses, self._loaded_losses = [], torch.zeros(0)
+        self._losses, self._loaded_losses, self._valid = [], torch.zeros(0), []
+
+    def after_epoch(self) -> None:
+        stats = self.run.find_cb(AvgStatsCallback)
+        if stats is None or self.run.data.valid_dl is None or not stats.valid_stats.count: return
+        self._valid.append((len(self._losses) + len(self._loaded_losses), stats.valid_stats.avg_loss))
 
     def after_batch(self) -> None:
         if not self.run.in_train: return
@@ -95,6 +126,13 @@ class Recorder(Callback):
                 value = _hyper_value(group, name)
                 if value is not None: per_group[i].append(value)
         self._losses.append(self.run.loss.detach())
+
+    @property
+    def valid_losses(self) -> tuple[list[int], list[float]]:
+        """(training batches done at the end of each epoch, that epoch's validation loss), as read now."""
+        values = [v.float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                  for _, v in self._valid]
+        return [n for n, _ in self._valid], torch.stack(values).cpu().tolist() if values else []
 
     @property
     def lrs(self) -> list[list[float]]:
@@ -122,21 +160,27 @@ class Recorder(Callback):
         ax.set_ylabel(pname)
         return fig
 
-    def plot_loss(self, skip_last: int = 0):
-        """Plot the training loss per batch (dropping the last `skip_last`); returns the figure."""
+    def plot_loss(self, skip_last: int = 0, with_valid: bool = True):
+        """Plot the training loss per batch (dropping the last `skip_last`) and, beside it, the validation loss
+        at the end of each epoch (AvgStatsCallback's); returns the figure."""
         import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
             raise ValueError(f"skip_last must be an int >= 0, got {skip_last!r}")
         losses = self.losses
         fig, ax = plt.subplots()
-        ax.plot(losses[:max(len(losses) - skip_last, 0)])
+        ax.plot(losses[:max(len(losses) - skip_last, 0)], label='train')
+        steps, valid = self.valid_losses
+        if with_valid and valid:
+            # each epoch's validation loss at the last training batch of that epoch
+            ax.plot([n - 1 for n in steps], valid, 'o-', label='valid')
+            ax.legend()
         ax.set_xlabel('iteration')
         ax.set_ylabel('loss')
         return fig
 
-    def suggest_lr(self, skip_last: int = 0, pgid: int = -1, beta: float = 0.98) -> float:
-        """After an LR-finder sweep: the lr (of param group `pgid`) where the smoothed loss falls fastest."""
-        return suggest_lr(self._lrs_of(pgid), self.losses, skip_last=skip_last, beta=beta)
+    def suggest_lr(self, skip_last: int = 0, pgid: int = -1, beta: float = 0.98, method: str = 'valley') -> float:
+        """After an LR-finder sweep: the suggested lr of param group `pgid` (see `suggest_lr`)."""
+        return suggest_lr(self._lrs_of(pgid), self.losses, skip_last=skip_last, beta=beta, method=method)
 
     def _lrs_of(self, pgid: int) -> list[float]:
         if not self._losses and not len(self._loaded_losses): raise ValueError("nothing recorded yet: run a fit (or learn.lr_find()) with this Recorder")
@@ -152,7 +196,7 @@ class Recorder(Callback):
         if len(losses) >= 3:
             smoothed = smooth_ema(losses)
             ax.plot(lrs, smoothed, label='smoothed loss')
-            best = _steepest(smoothed)
+            best = _suggestion(smoothed)
             ax.plot([lrs[best]], [smoothed[best]], 'ro', label=f'suggested lr {lrs[best]:.2e}')
             ax.legend()
         ax.set_xscale('log')
@@ -162,8 +206,13 @@ class Recorder(Callback):
 
     def state_dict(self) -> dict:
         """Recorded hyper-parameters and losses (CPU tensors and lists), for checkpoints."""
-        return {'hypers': self.hypers, 'losses': self._loss_tensor()}
+        steps, valid = self.valid_losses
+        return {'hypers': self.hypers, 'losses': self._loss_tensor(), 'valid_steps': steps,
+                'valid_losses': torch.tensor(valid, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
         self.hypers = {k: [list(g) for g in v] for k, v in state['hypers'].items()}
         self._losses, self._loaded_losses = [], state['losses'].float().cpu().reshape(-1)
+        valid = state.get('valid_losses', torch.zeros(0)).tolist()  # absent in checkpoints of earlier versions
+        self._valid = list(zip([int(n) for n in state.get('valid_steps', [])], valid))

@@ -336,8 +336,8 @@ def _sweep(recorder: Any, skip_last: int) -> float:
 
 def lr_find(learn: Any, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10., cbs: Any = None,
             skip_last: int = 0) -> float:
-    """Run the LR range test, restore the learner, and return the suggested lr (steepest descent of the
-    smoothed loss). A Recorder is attached if missing; it keeps the sweep for `learn.recorder.plot()`.
+    """Run the LR range test, restore the learner, and return the suggested lr (`suggest_lr`: halfway along
+    the valley of the smoothed loss). A Recorder is attached if missing; it keeps the sweep for `learn.recorder.plot()`.
 
     Weights, optimizer state and random-number generators are as before the sweep; a learner that had no
     optimizer yet gets none (the next fit builds it from `learn.lr`).
