@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampl
 
 from helpers import mlp, weights
 from minilearn.callbacks.distributed import DistributedCallback, ShardSampler, num_distrib, rank_distrib, shard_loader
-from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.metrics import AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score
 from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
@@ -35,7 +35,9 @@ def fixed_data(bs, valid_bs=16):
 
 def new_learner(bs, model_seed=1):
     torch.manual_seed(model_seed)
-    return Learner(mlp(), fixed_data(bs), F.cross_entropy, lr=0.5, cbs=[AvgStatsCallback(accuracy), Recorder()])
+    # whole-pass metrics too: their predictions are all-gathered (validation shards of 17 and 16 items)
+    metrics = [accuracy, f1_score(), balanced_accuracy(), AccumMetric(f1_score().func, name='f1_host', to_cpu=True)]
+    return Learner(mlp(), fixed_data(bs), F.cross_entropy, lr=0.5, cbs=[AvgStatsCallback(metrics), Recorder()])
 
 
 class StepProbe(Callback):
@@ -85,6 +87,8 @@ def _worker(rank, port, out_dir):
     result.update(rank=rank_distrib(), after_steps=probe.after_steps, model_types=sorted(probe.model_types),
                   final=weights(learn.model), history=learn.avg_stats.history,
                   valid_count=learn.avg_stats.valid_stats.count, train_count=learn.avg_stats.train_stats.count,
+                  gathered=[(s.metrics[1].targets[0].clone(), s.metrics[3].preds[0].device.type)
+                            for s in (learn.avg_stats.train_stats, learn.avg_stats.valid_stats)],
                   printed=out.getvalue(), n_losses=len(learn.recorder.losses),
                   restored=learn.model is model and learn.data is data and not hasattr(learn, 'distributed'),
                   progress_unmuted=not any(event in vars(progress) for event in EVENTS))
@@ -139,7 +143,10 @@ def test_two_ranks_of_32_give_the_weights_and_figures_of_one_process_of_64(two_r
             torch.testing.assert_close(result['accumulated'][k], v, rtol=1e-5, atol=1e-6)
         assert result['grad_syncs'] == [False, True, False, True]
         row, ref = result['history'][0], single.avg_stats.history[0]
-        for name in ('train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy'):
+        names = [f'{p}_{n}' for p in ('train', 'valid')
+                 for n in ('loss', 'accuracy', 'f1_score', 'balanced_accuracy', 'f1_host')]
+        assert list(row) == ['epoch'] + names + ['time']
+        for name in names:
             assert row[name] == pytest.approx(ref[name], rel=1e-5), name
 
 
@@ -147,6 +154,12 @@ def test_metrics_are_global(two_ranks):
     r0, r1 = two_ranks
     assert r0['valid_count'] == r1['valid_count'] == N_VALID  # every validation item counted once
     assert r0['train_count'] == r1['train_count'] == N_TRAIN
+    # each rank's AccumMetric holds every rank's targets after the all-gather: the whole validation set once
+    data = fixed_data(16)
+    for result in two_ranks:
+        (train_targets, _), (valid_targets, host_device) = result['gathered']
+        assert sorted(valid_targets.tolist()) == sorted(data.valid_dl.dataset.y.tolist())
+        assert sorted(train_targets.tolist()) == sorted(data.train_dl.dataset.y.tolist()) and host_device == 'cpu'
     assert r0['history'] == [{**r1['history'][0], 'time': r0['history'][0]['time']}]
     assert r0['n_losses'] == r1['n_losses'] == 2  # each rank's Recorder keeps its own batches
 

@@ -21,7 +21,8 @@ import minilearn
 from helpers import small_cnn
 from minilearn.callbacks.checkpoint import TerminateOnNaNCallback
 from minilearn.callbacks.device import DeviceCallback
-from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.metrics import (AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
+                                         top_k_accuracy)
 from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.precision import GradientAccumulation, GradientClipping, MixedPrecision
 from minilearn.callbacks.progress import ProgressCallback
@@ -101,8 +102,11 @@ def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progr
                   on_arm=None, on_disarm=None):
     counter = ReadCounter()
     arm = Arm(counter, on_arm, on_disarm)
+    # whole-pass metrics keep each batch's predictions on the device (or copy them to pinned memory, to_cpu)
+    metrics = [accuracy, f1_score(), balanced_accuracy(), top_k_accuracy(2),
+               AccumMetric(f1_score().func, name='f1_host', to_cpu=True)]
     cbs = [DeviceCallback(device_type), BatchTransformXCallback(Normalize([0.5] * 3, [0.3] * 3)),
-           AvgStatsCallback([accuracy]), Recorder(), progress_cls(interactive=True), arm, Disarm(arm), *extra_cbs]
+           AvgStatsCallback(metrics), Recorder(), progress_cls(interactive=True), arm, Disarm(arm), *extra_cbs]
     cbs += [MixUp(0.4), TerminateOnNaNCallback()]
     learn = Learner(small_cnn(), make_data(device_type), loss_func, lr=0.05, cbs=cbs)
     counter.install(monkeypatch)
