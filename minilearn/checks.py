@@ -16,7 +16,8 @@ __all__ = ['is_class_index_loss', 'is_elementwise_loss', 'check_batch', 'check_d
 
 _CLASS_INDEX_FUNCS = (F.cross_entropy, F.nll_loss)
 _CLASS_INDEX_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
-# Losses comparing prediction and target element by element; torch only warns, then broadcasts, when their shapes differ.
+# Losses comparing prediction and target element by element: torch only warns, then broadcasts, when the
+# shapes differ.
 _ELEMENTWISE_FUNCS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 _ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 

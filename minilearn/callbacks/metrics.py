@@ -98,7 +98,8 @@ class AccumMetric:
                  to_cpu: bool = False):
         if not callable(func): raise TypeError(f"func must be callable as func(preds, targets), got {func!r}")
         if activation is not None and not callable(activation) and activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or a function, got {activation!r}")
+            raise ValueError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or a function, "
+                             f"got {activation!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty str (the column name), got {name!r}")
         self.func, self.activation, self.to_cpu = func, activation, bool(to_cpu)
@@ -143,7 +144,7 @@ class AccumMetric:
         """`func(activation(preds), targets)` over every kept batch; nan when nothing was kept."""
         preds, targets = self._joined()
         if preds is None: return math.nan
-        activation = _ACTIVATIONS.get(self.activation, self.activation) if isinstance(self.activation, str) else self.activation
+        activation = _ACTIVATIONS[self.activation] if isinstance(self.activation, str) else self.activation
         return self.func(preds if activation is None else activation(preds), targets)
 
     def all_gather(self, device: torch.device | str | None = None) -> None:
@@ -197,7 +198,8 @@ def _metric_factory(func: Callable) -> Callable:
 def _class_predictions(preds: torch.Tensor, targets: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted classes, targets), flattened: argmax over dim 1 of (N, C, ...) scores against (N, ...) indices."""
     if preds.ndim < 2 or preds.shape[1] < 2:
-        raise ValueError(f"{who} needs scores of shape (N, C, ...) with C >= 2 classes, got shape {tuple(preds.shape)}; "
+        raise ValueError(f"{who} needs scores of shape (N, C, ...) with C >= 2 classes, got shape "
+                         f"{tuple(preds.shape)}; "
                          f"for one output per item give the model two outputs, or pass AccumMetric(your_function)")
     expected = (preds.shape[0],) + tuple(preds.shape[2:])
     if tuple(targets.shape) != expected or targets.is_floating_point():
@@ -377,7 +379,8 @@ class AvgStats:
             self._devices[i] = device
             if callable(getattr(metric, 'to', None)):  # torchmetrics' states follow the module
                 moved = metric.to(device)
-                if moved is not None and moved is not metric and is_epoch_metric(moved): self.metrics[i] = metric = moved
+                if moved is not None and moved is not metric and is_epoch_metric(moved):
+                    self.metrics[i] = metric = moved
         metric.update(pred, yb)
 
     def _continue(self, run: Any) -> None:
@@ -429,7 +432,8 @@ class AvgStats:
 
     @property
     def avg_stats(self) -> list[float]:
-        """Average loss then each metric over the pass (averaged, or `compute()` of the whole pass); nan before any batch."""
+        """Average loss then each metric over the pass (averaged, or the whole pass's `compute()`); nan before
+        any batch."""
         if not self.count: return [math.nan] * (1 + len(self.metrics))
         sums = self.all_stats
         computed = [_to_number(m.compute(), metric_name(m)) if is_epoch else None
