@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from ..callback import EVENTS, Callback, Order, flag
 from ..core import do_nothing, to_device
 from .device import DeviceCallback
-from .metrics import AvgStats
+from .metrics import AvgStatsCallback
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -190,9 +190,9 @@ class DistributedCallback(Callback):
 
     def after_epoch(self) -> None:
         if not self.active: return
-        stats = [s for cb in self.run.cbs for s in (getattr(cb, 'train_stats', None), getattr(cb, 'valid_stats', None))
-                 if isinstance(s, AvgStats)]
-        for s in stats: s.sync(self.device)
+        stats = self.run.find_cb(AvgStatsCallback)
+        if stats is None: return
+        for s in (stats.train_stats, stats.valid_stats): s.sync(self.device)
 
     def after_fit(self) -> None:
         if self.saved is None: return  # begin_fit did not wrap anything

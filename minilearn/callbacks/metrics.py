@@ -303,7 +303,7 @@ def top_k_accuracy(k: int = 5) -> AccumMetric:
 
 # ---- per-epoch statistics -----------------------------------------------------------------------------------
 def _prepared(metric: Any) -> Any:
-    name = getattr(metric, '__name__', None) or type(metric).__name__
+    name = callable_name(metric)
     if getattr(metric, '_builds_epoch_metric', False):
         raise TypeError(f"{name} builds a metric: pass {name}() (for example AvgStatsCallback([accuracy, {name}()]))")
     if isinstance(metric, type):
