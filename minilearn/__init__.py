@@ -5,7 +5,7 @@ from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, Term
 from .callbacks.device import CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
 from .callbacks.hooks import ActivationStats, Hook, Hooks
-from .callbacks.mixup import MixUp, MixUpLoss
+from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
 from .callbacks.loggers import CSVLogger, TensorBoardCallback
 from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
                                 format_time, precision_score, recall_score, top_k_accuracy)
@@ -59,7 +59,7 @@ __all__ = [
     'Lambda', 'flatten', 'GeneralRelu', 'conv_layer', 'get_cnn_layers', 'get_cnn_model', 'init_cnn',
     'resnet18_cifar', 'resnet34_cifar', 'adapt_model',
     # regularization
-    'MixUp', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
+    'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
     'Dataset', 'DataBunch', 'get_dls', 'image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image',

@@ -23,7 +23,7 @@ from minilearn.callbacks.checkpoint import TerminateOnNaNCallback
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import (AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
                                          top_k_accuracy)
-from minilearn.callbacks.mixup import MixUp
+from minilearn.callbacks.mixup import CutMix, MixUp, MixUpCutMix
 from minilearn.callbacks.precision import GradientAccumulation, GradientClipping, MixedPrecision
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
@@ -99,7 +99,7 @@ def make_data(device_type='cpu'):
 
 
 def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progress_cls=ProgressCallback,
-                  on_arm=None, on_disarm=None):
+                  on_arm=None, on_disarm=None, mixer=None):
     counter = ReadCounter()
     arm = Arm(counter, on_arm, on_disarm)
     # whole-pass metrics keep each batch's predictions on the device (or copy them to pinned memory, to_cpu)
@@ -107,7 +107,7 @@ def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progr
                AccumMetric(f1_score().func, name='f1_host', to_cpu=True)]
     cbs = [DeviceCallback(device_type), BatchTransformXCallback(Normalize([0.5] * 3, [0.3] * 3)),
            AvgStatsCallback(metrics), Recorder(), progress_cls(interactive=True), arm, Disarm(arm), *extra_cbs]
-    cbs += [MixUp(0.4), TerminateOnNaNCallback()]
+    cbs += [MixUp(0.4) if mixer is None else mixer, TerminateOnNaNCallback()]
     learn = Learner(small_cnn(), make_data(device_type), loss_func, lr=0.05, cbs=cbs)
     counter.install(monkeypatch)
     start = time.time()
@@ -131,6 +131,15 @@ def test_no_host_read_per_batch_on_cpu(monkeypatch, loss_name):
     check_reads(*fit_and_count(monkeypatch, LOSSES[loss_name]()))
 
 
+# The other mixing callbacks; stop_pct=0.25 leaves the last 3 of 12 batches unmixed, so both branches run.
+MIXERS = {'CutMix': lambda: CutMix(1.0, stop_pct=0.25), 'MixUpCutMix': lambda: MixUpCutMix(stop_pct=0.25)}
+
+
+@pytest.mark.parametrize('mixer', list(MIXERS))
+def test_no_host_read_per_batch_with_cutmix_and_the_switch(monkeypatch, mixer):
+    check_reads(*fit_and_count(monkeypatch, LOSSES['LabelSmoothingCrossEntropy'](), mixer=MIXERS[mixer]()))
+
+
 def test_no_host_read_per_batch_with_bf16_clipping_and_accumulation(monkeypatch):
     extra = [MixedPrecision(torch.bfloat16), GradientClipping(1.), GradientAccumulation(2)]
     check_reads(*fit_and_count(monkeypatch, F.cross_entropy, extra))
@@ -151,9 +160,8 @@ def test_the_counter_sees_a_read_in_a_callback(monkeypatch):
     assert ('Tensor.__float__', 'minilearn/probe.py:1') in calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.set_sync_debug_mode)')
-@pytest.mark.parametrize('loss_name', list(LOSSES))
-def test_no_device_sync_per_batch_on_cuda(monkeypatch, loss_name):
+def fit_and_check_on_cuda(monkeypatch, loss_func, mixer=None):
+    """A fit on CUDA with synchronisations raising, but for the throttled progress read."""
     class PausingProgress(ProgressCallback):
         """The throttled progress read is the one allowed synchronisation: not armed while it runs."""
         def after_batch(self):
@@ -167,8 +175,20 @@ def test_no_device_sync_per_batch_on_cuda(monkeypatch, loss_name):
     PausingProgress.__name__ = 'ProgressCallback'
     arm, disarm = partial(torch.cuda.set_sync_debug_mode, 'error'), partial(torch.cuda.set_sync_debug_mode, 0)
     try:
-        calls, elapsed, learn = fit_and_count(monkeypatch, LOSSES[loss_name](), device_type='cuda',
-                                              progress_cls=PausingProgress, on_arm=arm, on_disarm=disarm)
+        calls, elapsed, learn = fit_and_count(monkeypatch, loss_func, device_type='cuda', progress_cls=PausingProgress,
+                                              on_arm=arm, on_disarm=disarm, mixer=mixer)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     check_reads(calls, elapsed, learn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.set_sync_debug_mode)')
+@pytest.mark.parametrize('loss_name', list(LOSSES))
+def test_no_device_sync_per_batch_on_cuda(monkeypatch, loss_name):
+    fit_and_check_on_cuda(monkeypatch, LOSSES[loss_name]())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.set_sync_debug_mode)')
+@pytest.mark.parametrize('mixer', list(MIXERS))
+def test_no_device_sync_per_batch_on_cuda_with_cutmix_and_the_switch(monkeypatch, mixer):
+    fit_and_check_on_cuda(monkeypatch, F.cross_entropy, MIXERS[mixer]())
