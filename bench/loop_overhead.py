@@ -9,12 +9,16 @@ batches, run interleaved round by round so machine noise hits all alike:
   (a') raw_mix   (a) with MixUp and label-smoothed cross entropy written by hand
   (d)  minilearn (b) + MixUp + LabelSmoothingCrossEntropy: the regularizers' cost against their twin (a'),
        without the metrics, which (a') does not compute
+  (a'') raw_cutmix (a) with CutMix written by hand the usual way (timm's): λ and the box drawn on the
+       host from torch's CPU generator and read as ints, the box pasted by slicing
+  (e)  minilearn (b) + CutMix + LabelSmoothingCrossEntropy against (a''): the cost of the device-side mask
+  (f)  minilearn (b) + MixUpCutMix + LabelSmoothingCrossEntropy, shown against (a') for scale
   fastai / lightning at their leanest, when installed.
 Prints the median ms/batch over the rounds, the median over rounds of the ratio to (a) (for (d): to
 (a')), and for minilearn the time per batch spent inside its per-batch events, callbacks included (one
 extra epoch, timed event by event: the loop's own cost, free of the noise of the whole-epoch ratios;
 for (d) it includes MixUp's sampling and mixing, which (a') does by hand too).
-Targets: (b) ≤ 1.02×; (c) and (c') ≤ 1.03× at bs 64 and ≤ 1.06× at bs 16; (d) ≤ 1.05× (a').
+Targets: (b) ≤ 1.02×; (c) and (c') ≤ 1.03× at bs 64 and ≤ 1.06× at bs 16; (d) ≤ 1.05× (a'); (e) ≤ 1.05× (a'').
 
     python bench/loop_overhead.py                       # full run
     python bench/loop_overhead.py --rounds 5 --batches 50   # quick look
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -35,7 +40,7 @@ from torch import nn
 
 from _common import add_run_options, start_run
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy, balanced_accuracy, f1_score
-from minilearn.callbacks.mixup import MixUp
+from minilearn.callbacks.mixup import CutMix, MixUp, MixUpCutMix
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch
@@ -77,17 +82,33 @@ def new_model(device: torch.device) -> nn.Module:
 
 # ---- the hand-written loops -------------------------------------------------------------------------------
 class RawLoop:
-    def __init__(self, batches, device, mix: bool = False):
-        self.batches, self.mix = batches, mix
+    def __init__(self, batches, device, mix: str | None = None):
+        self.batches, self.mix = batches, mix  # None, 'mixup' or 'cutmix'
         self.model = new_model(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.beta = torch.distributions.Beta(torch.tensor(ALPHA, device=device), torch.tensor(ALPHA, device=device))
+        self.cpu_beta = torch.distributions.Beta(torch.tensor(1.), torch.tensor(1.))
 
     def epoch(self) -> None:
         model, opt = self.model, self.opt
         model.train()
         for xb, yb in self.batches:
-            if self.mix:
+            if self.mix == 'cutmix':
+                h, w = xb.shape[-2:]
+                side = math.sqrt(1 - self.cpu_beta.sample().item())
+                cut_h, cut_w = round(h * side), round(w * side)
+                cy, cx = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+                top, left = max(cy - cut_h // 2, 0), max(cx - cut_w // 2, 0)
+                bottom, right = min(cy - cut_h // 2 + cut_h, h), min(cx - cut_w // 2 + cut_w, w)
+                perm = torch.randperm(xb.shape[0], device=xb.device)
+                xb = xb.clone()
+                xb[:, :, top:bottom, left:right] = xb[perm, :, top:bottom, left:right]
+                lam = 1 - (bottom - top) * (right - left) / (h * w)
+                pred = model(xb)
+                loss1 = F.cross_entropy(pred, yb, label_smoothing=EPS, reduction='none')
+                loss2 = F.cross_entropy(pred, yb[perm], label_smoothing=EPS, reduction='none')
+                loss = (lam * loss1 + (1 - lam) * loss2).mean()
+            elif self.mix == 'mixup':
                 lam = self.beta.sample((xb.shape[0],))
                 lam = torch.maximum(lam, 1 - lam)
                 perm = torch.randperm(xb.shape[0], device=xb.device)
@@ -174,9 +195,14 @@ def make_variants(batches, device, only: set[str] | None) -> tuple[dict, dict]:
         'minilearn': lambda: MinilearnLoop(batches, device, list),
         'minilearn+stats': lambda: MinilearnLoop(batches, device, with_stats),
         'minilearn+epoch_metrics': lambda: MinilearnLoop(batches, device, with_epoch_metrics),
-        'raw_mix': lambda: RawLoop(batches, device, mix=True),
+        'raw_mix': lambda: RawLoop(batches, device, mix='mixup'),
         'minilearn+mix': lambda: MinilearnLoop(batches, device, lambda: [MixUp(ALPHA)],
                                                LabelSmoothingCrossEntropy(EPS)),
+        'raw_cutmix': lambda: RawLoop(batches, device, mix='cutmix'),
+        'minilearn+cutmix': lambda: MinilearnLoop(batches, device, lambda: [CutMix(1.0)],
+                                                  LabelSmoothingCrossEntropy(EPS)),
+        'minilearn+mixcut': lambda: MinilearnLoop(batches, device, lambda: [MixUpCutMix(ALPHA, 1.0)],
+                                                  LabelSmoothingCrossEntropy(EPS)),
         'fastai': lambda: FastaiLoop(batches, device),
         'lightning': lambda: LightningLoop(batches, device),
     }
@@ -229,9 +255,11 @@ def event_time(loop: MinilearnLoop, device: torch.device) -> float:
 
 
 BASELINES = {'raw_again': 'raw', 'minilearn': 'raw', 'minilearn+stats': 'raw', 'minilearn+epoch_metrics': 'raw',
-             'fastai': 'raw', 'lightning': 'raw', 'minilearn+mix': 'raw_mix'}
+             'fastai': 'raw', 'lightning': 'raw', 'minilearn+mix': 'raw_mix', 'minilearn+cutmix': 'raw_cutmix',
+             'minilearn+mixcut': 'raw_mix'}
 TARGETS = {('minilearn', None): 1.02, ('minilearn+stats', 64): 1.03, ('minilearn+stats', 16): 1.06,
-           ('minilearn+epoch_metrics', 64): 1.03, ('minilearn+epoch_metrics', 16): 1.06, ('minilearn+mix', None): 1.05}
+           ('minilearn+epoch_metrics', 64): 1.03, ('minilearn+epoch_metrics', 16): 1.06, ('minilearn+mix', None): 1.05,
+           ('minilearn+cutmix', None): 1.05}
 
 
 def target_for(name: str, bs: int) -> float | None:

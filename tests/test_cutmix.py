@@ -56,7 +56,7 @@ def as_rectangle(mask):
 
 
 def fixed_draw(lam, cy, cx):
-    return lambda xb: (torch.tensor(float(lam)), torch.tensor(cy), torch.tensor(cx))
+    return lambda xb: (torch.tensor(float(lam)), torch.tensor([cy, cx]))
 
 
 # ---- the box and λ --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import inspect
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributions import Beta
@@ -122,7 +122,7 @@ class MixHandler(Callback):
                                                                           upper_inclusive=False)
         self.lam = self.yb1 = self.perm = None
         self.old_loss_func: Callable | None = None
-        self._betas: dict = {}  # Beta distributions per (device, alpha), built on the first batch there
+        self._consts: dict = {}  # Beta distributions and box grids per device, built on the first batch there
 
     @property
     def λ(self) -> torch.Tensor | None:
@@ -180,12 +180,22 @@ class MixHandler(Callback):
                             f"({xb.shape[0]}, ...)), got {getattr(yb, 'shape', type(yb).__name__)}")
 
     def _beta(self, alpha: float, device: torch.device) -> Beta:
-        key = (device, alpha)
-        if key not in self._betas:
+        key = ('beta', alpha, device)
+        if key not in self._consts:
             concentration = torch.tensor(alpha, device=device)
             # validate_args=False: argument checks would read the device every batch
-            self._betas[key] = Beta(concentration, concentration, validate_args=False)
-        return self._betas[key]
+            self._consts[key] = Beta(concentration, concentration, validate_args=False)
+        return self._consts[key]
+
+    def _grid(self, xb: torch.Tensor) -> _Grid:
+        h, w = xb.shape[-2:]
+        key = ('grid', h, w, xb.device)
+        if key not in self._consts:
+            size = torch.tensor([h, w], device=xb.device)
+            self._consts[key] = _Grid(h, w, size, size.to(torch.get_default_dtype()),
+                                      torch.arange(max(h, w), device=xb.device), torch.tensor(1., device=xb.device),
+                                      torch.tensor(float(h * w), device=xb.device))
+        return self._consts[key]
 
     def after_fit(self) -> None:
         if self.old_loss_func is None: return  # begin_fit never ran
@@ -198,30 +208,40 @@ def _mixup_lam(beta: Beta, n: int, per_sample: bool) -> torch.Tensor:
     return torch.maximum(lam, 1 - lam)
 
 
-def _cutmix_draw(beta: Beta, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """λ ~ Beta(α, α) and the box centre (row, column), uniform over the pixels: 0-d tensors on `xb`'s device."""
-    h, w = xb.shape[-2:]
+class _Grid(NamedTuple):
+    """An image size as ints and as tensors on the device, the pixel indices along either side, constants."""
+    h: int
+    w: int
+    size: torch.Tensor  # [H, W]
+    float_size: torch.Tensor
+    index: torch.Tensor  # arange(max(H, W))
+    one: torch.Tensor  # 1 and H·W as tensors: a Python number costs a conversion per batch
+    area: torch.Tensor
+
+
+def _cutmix_draw(beta: Beta, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ ~ Beta(α, α) and the box centre [row, column], uniform over the pixels, on the grid's device."""
     lam = beta.sample()
-    return lam, torch.randint(h, (), device=xb.device), torch.randint(w, (), device=xb.device)
+    device = grid.index.device
+    return lam, torch.stack([torch.randint(grid.h, (), device=device), torch.randint(grid.w, (), device=device)])
 
 
-def _cutmix_box(drawn: tuple[torch.Tensor, torch.Tensor, torch.Tensor], h: int, w: int,
+def _cutmix_box(drawn: tuple[torch.Tensor, torch.Tensor], grid: _Grid,
                 exact_area: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (H, W) mask of the box (True: pasted) and the λ it gives, both on the device of the draws.
+    """The (H, W) mask of the box (True: pasted) and the λ it gives, both on the grid's device.
 
     The box is round(H·√(1−λ)) rows by round(W·√(1−λ)) columns, its top-left corner half its size before
-    the centre, clipped to the image. Its edges stay tensors: the mask compares them with the row and
-    column indices, so no coordinate is read back to the host.
+    the centre, clipped to the image. Its edges stay tensors: the mask compares them with the pixel
+    indices, so no coordinate is read back to the host.
     """
-    lam, cy, cx = drawn
-    side = torch.sqrt(1 - lam)
-    cut_h, cut_w = torch.round(h * side).long(), torch.round(w * side).long()
-    top, left = cy - cut_h // 2, cx - cut_w // 2
-    top, bottom = top.clamp(0, h), (top + cut_h).clamp(0, h)
-    left, right = left.clamp(0, w), (left + cut_w).clamp(0, w)
-    rows, cols = torch.arange(h, device=lam.device), torch.arange(w, device=lam.device)
-    mask = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None, :]
-    if exact_area: lam = 1 - ((bottom - top) * (right - left)).to(lam.dtype) / (h * w)
+    lam, centre = drawn
+    cut = (grid.float_size * torch.sqrt(grid.one - lam)).round().long()
+    start = centre - cut // 2
+    end = torch.minimum(start + cut, grid.size)  # never below start: the centre lies in the image
+    start = start.clamp(min=0)
+    inside = (grid.index >= start[:, None]) & (grid.index < end[:, None])  # rows, then columns
+    mask = inside[0, :grid.h, None] & inside[1, None, :grid.w]
+    if exact_area: lam = (grid.one - (end - start).prod() / grid.area).to(lam.dtype)
     return mask, lam
 
 
@@ -259,7 +279,7 @@ class CutMix(MixHandler):
     Per batch λ ~ Beta(α, α) and a box of about (1−λ)·H·W pixels (sides H·√(1−λ) and W·√(1−λ)) at a
     centre uniform over the pixels, clipped to the image; with `exact_area` (default) λ is then
     recomputed as 1 − (box area)/(H·W), so the loss weights are the pixel fractions; `exact_area=False`
-    keeps the drawn λ (as in the paper's code before clipping). Inputs are (N, C, H, W); any batch size.
+    keeps the drawn λ (timm's `correct_lam=False`). Inputs are (N, C, H, W); any batch size.
     No host sync: λ, the centre and the permutation are drawn on the batch's device from torch's
     generator, and the box is applied as a mask built from its edges on the device (never read as
     Python ints). Loss swap, soft targets and `stop_pct` as in `MixUp` (see `MixHandler`).
@@ -271,11 +291,11 @@ class CutMix(MixHandler):
         self.alpha = _check_alpha('CutMix', 'alpha', alpha)
         self.exact_area = _check_flag('CutMix', 'exact_area', exact_area)
 
-    def draw(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _cutmix_draw(self._beta(self.alpha, xb.device), xb)
+    def draw(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _cutmix_draw(self._beta(self.alpha, xb.device), self._grid(xb))
 
     def mix(self, xb: torch.Tensor, xb1: torch.Tensor, drawn: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, lam = _cutmix_box(drawn, xb.shape[-2], xb.shape[-1], self.exact_area)
+        mask, lam = _cutmix_box(drawn, self._grid(xb), self.exact_area)
         return torch.where(mask, xb1, xb), lam.expand(xb.shape[0])
 
 
@@ -303,11 +323,11 @@ class MixUpCutMix(MixHandler):
     def draw(self, xb: torch.Tensor) -> tuple:
         use_cutmix = torch.rand((), device=xb.device) < self.switch_prob
         return (use_cutmix, _mixup_lam(self._beta(self.mixup_alpha, xb.device), xb.shape[0], self.per_sample),
-                _cutmix_draw(self._beta(self.cutmix_alpha, xb.device), xb))
+                _cutmix_draw(self._beta(self.cutmix_alpha, xb.device), self._grid(xb)))
 
     def mix(self, xb: torch.Tensor, xb1: torch.Tensor, drawn: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         self.use_cutmix, mixup_lam, cutmix_drawn = drawn
-        mask, cutmix_lam = _cutmix_box(cutmix_drawn, xb.shape[-2], xb.shape[-1], self.exact_area)
+        mask, cutmix_lam = _cutmix_box(cutmix_drawn, self._grid(xb), self.exact_area)
         # lerp is exact at weights 0 and 1, so the CutMix branch copies pixels exactly
         weight = torch.where(self.use_cutmix, (~mask).to(xb.dtype)[None, None], _per_item_view(mixup_lam, xb))
         lam = torch.where(self.use_cutmix, cutmix_lam.expand(xb.shape[0]), mixup_lam)
