@@ -226,13 +226,14 @@ def _cutmix_draw(beta: Beta, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
     return lam, torch.stack([torch.randint(grid.h, (), device=device), torch.randint(grid.w, (), device=device)])
 
 
-def _cutmix_box(drawn: tuple[torch.Tensor, torch.Tensor], grid: _Grid,
-                exact_area: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (H, W) mask of the box (True: pasted) and the λ it gives, both on the grid's device.
+def _cutmix_box(drawn: tuple[torch.Tensor, torch.Tensor], grid: _Grid, exact_area: bool,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (H, W) weight of the original pixels (0 in the box, 1 outside) in `dtype`, and the λ of the box.
 
     The box is round(H·√(1−λ)) rows by round(W·√(1−λ)) columns, its top-left corner half its size before
     the centre, clipped to the image. Its edges stay tensors: the mask compares them with the pixel
-    indices, so no coordinate is read back to the host.
+    indices, so no coordinate is read back to the host. The weight feeds `torch.lerp`, exact at 0 and 1
+    (so the box holds the partner's pixels exactly), and faster than `torch.where` with a broadcast mask.
     """
     lam, centre = drawn
     cut = (grid.float_size * torch.sqrt(grid.one - lam)).round().long()
@@ -240,9 +241,9 @@ def _cutmix_box(drawn: tuple[torch.Tensor, torch.Tensor], grid: _Grid,
     end = torch.minimum(start + cut, grid.size)  # never below start: the centre lies in the image
     start = start.clamp(min=0)
     inside = (grid.index >= start[:, None]) & (grid.index < end[:, None])  # rows, then columns
-    mask = inside[0, :grid.h, None] & inside[1, None, :grid.w]
+    keep = (~(inside[0, :grid.h, None] & inside[1, None, :grid.w])).to(dtype)
     if exact_area: lam = (grid.one - (end - start).prod() / grid.area).to(lam.dtype)
-    return mask, lam
+    return keep, lam
 
 
 class MixUp(MixHandler):
@@ -295,8 +296,8 @@ class CutMix(MixHandler):
         return _cutmix_draw(self._beta(self.alpha, xb.device), self._grid(xb))
 
     def mix(self, xb: torch.Tensor, xb1: torch.Tensor, drawn: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, lam = _cutmix_box(drawn, self._grid(xb), self.exact_area)
-        return torch.where(mask, xb1, xb), lam.expand(xb.shape[0])
+        keep, lam = _cutmix_box(drawn, self._grid(xb), self.exact_area, xb.dtype)
+        return lin_comb(xb, xb1, keep), lam.expand(xb.shape[0])
 
 
 class MixUpCutMix(MixHandler):
@@ -327,9 +328,8 @@ class MixUpCutMix(MixHandler):
 
     def mix(self, xb: torch.Tensor, xb1: torch.Tensor, drawn: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         self.use_cutmix, mixup_lam, cutmix_drawn = drawn
-        mask, cutmix_lam = _cutmix_box(cutmix_drawn, self._grid(xb), self.exact_area)
-        # lerp is exact at weights 0 and 1, so the CutMix branch copies pixels exactly
-        weight = torch.where(self.use_cutmix, (~mask).to(xb.dtype)[None, None], _per_item_view(mixup_lam, xb))
+        keep, cutmix_lam = _cutmix_box(cutmix_drawn, self._grid(xb), self.exact_area, xb.dtype)
+        weight = torch.where(self.use_cutmix, keep, _per_item_view(mixup_lam, xb))  # (N, 1, H, W)
         lam = torch.where(self.use_cutmix, cutmix_lam.expand(xb.shape[0]), mixup_lam)
         return lin_comb(xb, xb1, weight), lam
 
