@@ -9,16 +9,15 @@ itself and reads its draws on the host (numpy) every batch.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 from torch.distributions import Beta
 
 from ..callback import Callback, Order
-from ..losses import NoneReduce, lin_comb, loss_reduction, reduce_loss
+from ..core import check_positive
+from ..losses import NoneReduce, _check_fraction, lin_comb, loss_reduction, reduce_loss
 
 __all__ = ['MixHandler', 'MixUp', 'CutMix', 'MixUpCutMix', 'MixUpLoss']
 
@@ -42,18 +41,12 @@ def _accepts_reduction(loss_func: Callable) -> bool:
 
 
 def _check_alpha(owner: str, name: str, alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{owner} {name} must be a positive finite number (the Beta({name}, {name}) parameter), got "
-                         f"{alpha!r}; to train without mixing, leave the {owner} callback out")
+    try:
+        check_positive(f'{owner} {name}', alpha)
+    except ValueError as e:
+        raise ValueError(f"{e} (the Beta({name}, {name}) parameter); to train without mixing, leave the {owner} "
+                         f"callback out") from None
     return float(alpha)
-
-
-def _check_probability(owner: str, name: str, value: Any, upper_inclusive: bool) -> float:
-    in_range = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0 \
-        and (value <= 1 if upper_inclusive else value < 1)
-    if not in_range:
-        raise ValueError(f"{owner} {name} must be a number in [0, 1{']' if upper_inclusive else ')'}, got {value!r}")
-    return float(value)
 
 
 def _check_flag(owner: str, name: str, value: Any) -> bool:
@@ -118,8 +111,7 @@ class MixHandler(Callback):
     needs_images = False  # True: inputs must be image batches (N, C, H, W)
 
     def __init__(self, stop_pct: float | None = None):
-        self.stop_pct = None if stop_pct is None else _check_probability(type(self).__name__, 'stop_pct', stop_pct,
-                                                                          upper_inclusive=False)
+        self.stop_pct = None if stop_pct is None else _check_fraction(f'{type(self).__name__} stop_pct', stop_pct)
         self.lam = self.yb1 = self.perm = None
         self.old_loss_func: Callable | None = None
         self._consts: dict = {}  # Beta distributions and box grids per device, built on the first batch there
@@ -316,7 +308,7 @@ class MixUpCutMix(MixHandler):
         super().__init__(stop_pct)
         self.mixup_alpha = _check_alpha('MixUpCutMix', 'mixup_alpha', mixup_alpha)
         self.cutmix_alpha = _check_alpha('MixUpCutMix', 'cutmix_alpha', cutmix_alpha)
-        self.switch_prob = _check_probability('MixUpCutMix', 'switch_prob', switch_prob, upper_inclusive=True)
+        self.switch_prob = _check_fraction('MixUpCutMix switch_prob', switch_prob, upper_inclusive=True)
         self.per_sample = _check_flag('MixUpCutMix', 'per_sample', per_sample)
         self.exact_area = _check_flag('MixUpCutMix', 'exact_area', exact_area)
         self.use_cutmix: torch.Tensor | None = None
