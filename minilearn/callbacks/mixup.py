@@ -274,8 +274,8 @@ class CutMix(MixHandler):
     recomputed as 1 − (box area)/(H·W), so the loss weights are the pixel fractions; `exact_area=False`
     keeps the drawn λ (timm's `correct_lam=False`). Inputs are (N, C, H, W); any batch size.
     No host sync: λ, the centre and the permutation are drawn on the batch's device from torch's
-    generator, and the box is applied as a mask built from its edges on the device (never read as
-    Python ints). Loss swap, soft targets and `stop_pct` as in `MixUp` (see `MixHandler`).
+    generator, and the box is pasted through a 0/1 weight that is built on the device by comparing its
+    edges with the pixel indices (the edges are never read as Python ints). Loss swap, soft targets and `stop_pct` as in `MixUp` (see `MixHandler`).
     """
     needs_images = True
 
