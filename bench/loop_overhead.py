@@ -18,7 +18,8 @@ Prints the median ms/batch over the rounds, the median over rounds of the ratio 
 (a')), and for minilearn the time per batch spent inside its per-batch events, callbacks included (one
 extra epoch, timed event by event: the loop's own cost, free of the noise of the whole-epoch ratios;
 for (d) it includes MixUp's sampling and mixing, which (a') does by hand too).
-Targets: (b) ≤ 1.02×; (c) and (c') ≤ 1.03× at bs 64 and ≤ 1.06× at bs 16; (d) ≤ 1.05× (a'); (e) ≤ 1.05× (a'').
+Targets: (b) ≤ 1.02×; (c) and (c') ≤ 1.03× at bs 64 and ≤ 1.06× at bs 16; (d) ≤ 1.05× (a');
+(e) ≤ 1.05× (a'').
 
     python bench/loop_overhead.py                       # full run
     python bench/loop_overhead.py --rounds 5 --batches 50   # quick look

@@ -275,7 +275,8 @@ class CutMix(MixHandler):
     keeps the drawn λ (timm's `correct_lam=False`). Inputs are (N, C, H, W); any batch size.
     No host sync: λ, the centre and the permutation are drawn on the batch's device from torch's
     generator, and the box is pasted through a 0/1 weight that is built on the device by comparing its
-    edges with the pixel indices (the edges are never read as Python ints). Loss swap, soft targets and `stop_pct` as in `MixUp` (see `MixHandler`).
+    edges with the pixel indices (the edges are never read as Python ints). Loss swap, soft targets and
+    `stop_pct` as in `MixUp` (see `MixHandler`).
     """
     needs_images = True
 
