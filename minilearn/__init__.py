@@ -1,8 +1,9 @@
 """minilearn: a small, fast, fastai-style callback training framework for PyTorch."""
 from functools import partial
 
+from .callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
 from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
-from .callbacks.device import CudaCallback, DeviceCallback, default_device
+from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
@@ -17,7 +18,7 @@ from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_sche
 from .callbacks.transforms import BatchTransformXCallback, view_tfm
 from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
 from .core import camel2snake, listify, to_device
-from .data.core import DataBunch, Dataset, get_dls
+from .data.core import DataBunch, Dataset, TensorLoader, get_dls
 from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
                             cifar10_databunch, default_data_dir, download_url, mnist_data, mnist_databunch,
                             read_cifar10, read_idx, read_mnist, untar_data)
@@ -62,7 +63,7 @@ __all__ = [
     'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
-    'Dataset', 'DataBunch', 'get_dls', 'image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image',
+    'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image',
     'SplitData', 'split_by_func', 'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor',
     'LabeledData', 'label_by_func', 'parent_labeler', 'label_image_folder', 'Transform', 'MakeRGB', 'make_rgb',
     'ResizeFixed', 'to_byte_tensor', 'to_float_tensor', 'order_tfms', 'compose', 'show_image', 'show_batch',
@@ -73,6 +74,7 @@ __all__ = [
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
     # performance and scale
+    'ChannelsLast', 'RandomCropPad', 'RandomFlip', 'RandomResizedCrop',
     'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',
     'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler',
     # reliability

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from .callback import flag
+from .data.core import TensorLoader
 from .checks import is_class_index_loss
 from .core import batch_size, callable_name, model_device, to_device, unwrap_loss
 from .data.items import open_image
@@ -94,6 +95,7 @@ def _cpu(o: Any) -> Any:
 
 def _ordered_loader(dl: Any) -> tuple[Any, torch.Tensor | None]:
     """A loader giving the items of `dl` in dataset order, and the permutation to apply after (or None)."""
+    if isinstance(dl, TensorLoader): return dl.ordered(), None
     if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset): return dl, None
     if isinstance(dl.sampler, SequentialSampler) and dl.batch_size is not None: return dl, None
     common = dict(num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
@@ -255,6 +257,7 @@ def _class_name(vocab: Any, index: int) -> str:
 
 def _head_loader(dl: Any, n: int) -> Any:
     """A loader over the first `n` items of `dl`'s dataset (dataset order), or `dl` when it cannot be cut."""
+    if isinstance(dl, TensorLoader): return dl.head(n)
     if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset): return dl
     from torch.utils.data import Subset
     subset = Subset(dl.dataset, range(min(n, len(dl.dataset))))
@@ -380,6 +383,7 @@ class ModelSummary(str):
 
 def _first_batch(dl: Any) -> Any:
     """The first batch in dataset order, without drawing from the global random generator."""
+    if isinstance(dl, TensorLoader): dl = dl.head(dl.batch_size)
     if isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset) and dl.batch_size:
         items = [dl.dataset[i] for i in range(min(dl.batch_size, len(dl.dataset)))]
         if not items: raise ValueError("summary: the training dataset is empty")

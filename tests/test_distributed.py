@@ -18,7 +18,7 @@ from minilearn.callbacks.metrics import AccumMetric, AvgStatsCallback, accuracy,
 from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
-from minilearn.data.core import DataBunch, Dataset
+from minilearn.data.core import DataBunch, Dataset, TensorLoader
 from minilearn.learner import EVENTS, Callback, Learner
 
 N_TRAIN, N_VALID, WORLD_SIZE = 128, 33, 2  # 33: validation shards of 17 and 16 items: 2 and 1 batches of 16
@@ -38,6 +38,22 @@ def new_learner(bs, model_seed=1):
     # whole-pass metrics too: their predictions are all-gathered (validation shards of 17 and 16 items)
     metrics = [accuracy, f1_score(), balanced_accuracy(), AccumMetric(f1_score().func, name='f1_host', to_cpu=True)]
     return Learner(mlp(), fixed_data(bs), F.cross_entropy, lr=0.5, cbs=[AvgStatsCallback(metrics), Recorder()])
+
+
+def tensor_learner(bs):
+    data = fixed_data(bs)
+    x, y = data.train_ds.x, data.train_ds.y
+    torch.manual_seed(1)
+    return Learner(mlp(), DataBunch.from_tensors(x, y, data.valid_ds.x, data.valid_ds.y, bs=bs, seed=0),
+                   F.cross_entropy, lr=0.5, cbs=[AvgStatsCallback(accuracy)])
+
+
+class ItemProbe(Callback):
+    """The training items of every batch, per epoch (identified by their first input feature)."""
+    def begin_fit(self): self.items = []
+    def begin_epoch(self): self.items.append([])
+    def begin_batch(self):
+        if self.in_train: self.items[-1].append(self.xb[:, 0].clone())
 
 
 class StepProbe(Callback):
@@ -98,6 +114,12 @@ def _worker(rank, port, out_dir):
     with learn.distrib_ctx():
         learn.fit(1, cbs=[GradientAccumulation(2), syncs])
     result.update(accumulated=weights(learn.model), grad_syncs=syncs.flags)
+    # 4. An in-memory loader (DataBunch.from_tensors, shuffled) is sharded too: 2 ranks of 32 read each batch of 64.
+    learn, seen = tensor_learner(bs=32), ItemProbe()
+    with learn.distrib_ctx():
+        learn.fit(2, cbs=[seen])
+    result.update(tensor_final=weights(learn.model), tensor_items=seen.items,
+                  tensor_restored=isinstance(learn.data.train_dl, TensorLoader) and learn.data.train_dl.world_size == 1)
     dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
 
@@ -148,6 +170,21 @@ def test_two_ranks_of_32_give_the_weights_and_figures_of_one_process_of_64(two_r
         assert list(row) == ['epoch'] + names + ['time']
         for name in names:
             assert row[name] == pytest.approx(ref[name], rel=1e-5), name
+
+
+def test_an_in_memory_loader_is_sharded_like_a_dataloader(two_ranks):
+    single, seen = tensor_learner(bs=64), ItemProbe()
+    single.logger = lambda *a: None
+    single.fit(2, cbs=[seen])  # seed 0, as DistributedCallback's default seed reseeds the shards
+    for epoch in range(2):
+        for step, batch in enumerate(seen.items[epoch]):
+            ranks = [r['tensor_items'][epoch][step] for r in two_ranks]
+            assert sorted(torch.cat(ranks).tolist()) == sorted(batch.tolist())  # the ranks split each batch
+            assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    for result in two_ranks:
+        assert result['tensor_restored']
+        for k, v in weights(single.model).items():
+            torch.testing.assert_close(result['tensor_final'][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_are_global(two_ranks):

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 import minilearn
 from helpers import small_cnn
 from minilearn.callbacks.checkpoint import TerminateOnNaNCallback
-from minilearn.callbacks.device import DeviceCallback
+from minilearn.callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
+from minilearn.callbacks.device import ChannelsLast, DeviceCallback
 from minilearn.callbacks.metrics import (AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
                                          top_k_accuracy)
 from minilearn.callbacks.mixup import CutMix, MixUp, MixUpCutMix
@@ -98,8 +99,16 @@ def make_data(device_type='cpu'):
     return DataBunch(train, valid, c_in=3, c_out=4)
 
 
+def make_tensor_data(device_type='cpu'):
+    """Images and labels like `make_data`'s as uint8 tensors served by DataBunch.from_tensors, on the device."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (160, 3, 12, 12), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 4, (160,), generator=g)
+    return DataBunch.from_tensors(x[:96], y[:96], x[96:], y[96:], bs=16, device=device_type, c_out=4, seed=0)
+
+
 def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progress_cls=ProgressCallback,
-                  on_arm=None, on_disarm=None, mixer=None):
+                  on_arm=None, on_disarm=None, mixer=None, data=None):
     counter = ReadCounter()
     arm = Arm(counter, on_arm, on_disarm)
     # whole-pass metrics keep each batch's predictions on the device (or copy them to pinned memory, to_cpu)
@@ -108,7 +117,7 @@ def fit_and_count(monkeypatch, loss_func, extra_cbs=(), device_type='cpu', progr
     cbs = [DeviceCallback(device_type), BatchTransformXCallback(Normalize([0.5] * 3, [0.3] * 3)),
            AvgStatsCallback(metrics), Recorder(), progress_cls(interactive=True), arm, Disarm(arm), *extra_cbs]
     cbs += [MixUp(0.4) if mixer is None else mixer, TerminateOnNaNCallback()]
-    learn = Learner(small_cnn(), make_data(device_type), loss_func, lr=0.05, cbs=cbs)
+    learn = Learner(small_cnn(), data or make_data(device_type), loss_func, lr=0.05, cbs=cbs)
     counter.install(monkeypatch)
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -145,6 +154,19 @@ def test_no_host_read_per_batch_with_bf16_clipping_and_accumulation(monkeypatch)
     check_reads(*fit_and_count(monkeypatch, F.cross_entropy, extra))
 
 
+def fast_path_cbs():
+    return [ChannelsLast(), RandomCropPad(2), RandomFlip(), RandomResizedCrop(12)]
+
+
+def test_no_host_read_per_batch_on_the_fast_data_path(monkeypatch):
+    check_reads(*fit_and_count(monkeypatch, F.cross_entropy, fast_path_cbs(), data=make_tensor_data()))
+
+
+def test_no_host_read_per_batch_with_reflect_padding(monkeypatch):
+    check_reads(*fit_and_count(monkeypatch, F.cross_entropy, [RandomCropPad(2, mode='reflect')],
+                               data=make_tensor_data()))
+
+
 def test_the_counter_sees_a_read_in_a_callback(monkeypatch):
     # The probe itself must be able to fail: a callback of the package reading the loss is caught.
     class ReadsLoss(Callback):
@@ -160,7 +182,7 @@ def test_the_counter_sees_a_read_in_a_callback(monkeypatch):
     assert ('Tensor.__float__', 'minilearn/probe.py:1') in calls
 
 
-def fit_and_check_on_cuda(monkeypatch, loss_func, mixer=None):
+def fit_and_check_on_cuda(monkeypatch, loss_func, mixer=None, extra_cbs=(), data=None):
     """A fit on CUDA with synchronisations raising, but for the throttled progress read."""
     class PausingProgress(ProgressCallback):
         """The throttled progress read is the one allowed synchronisation: not armed while it runs."""
@@ -175,8 +197,9 @@ def fit_and_check_on_cuda(monkeypatch, loss_func, mixer=None):
     PausingProgress.__name__ = 'ProgressCallback'
     arm, disarm = partial(torch.cuda.set_sync_debug_mode, 'error'), partial(torch.cuda.set_sync_debug_mode, 0)
     try:
-        calls, elapsed, learn = fit_and_count(monkeypatch, loss_func, device_type='cuda', progress_cls=PausingProgress,
-                                              on_arm=arm, on_disarm=disarm, mixer=mixer)
+        calls, elapsed, learn = fit_and_count(monkeypatch, loss_func, extra_cbs, device_type='cuda',
+                                              progress_cls=PausingProgress, on_arm=arm, on_disarm=disarm, mixer=mixer,
+                                              data=data)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     check_reads(calls, elapsed, learn)
@@ -192,3 +215,8 @@ def test_no_device_sync_per_batch_on_cuda(monkeypatch, loss_name):
 @pytest.mark.parametrize('mixer', list(MIXERS))
 def test_no_device_sync_per_batch_on_cuda_with_cutmix_and_the_switch(monkeypatch, mixer):
     fit_and_check_on_cuda(monkeypatch, F.cross_entropy, MIXERS[mixer]())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.set_sync_debug_mode)')
+def test_no_device_sync_per_batch_on_cuda_on_the_fast_data_path(monkeypatch):
+    fit_and_check_on_cuda(monkeypatch, F.cross_entropy, extra_cbs=fast_path_cbs(), data=make_tensor_data('cuda'))

@@ -1,4 +1,4 @@
-"""Put the model and every batch on a device."""
+"""Put the model and every batch on a device, and in the channels-last memory format."""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +10,7 @@ from torch import nn
 from ..core import to_device, unwrap_loss
 from ..callback import Callback, Order
 
-__all__ = ['DeviceCallback', 'CudaCallback', 'default_device']
+__all__ = ['DeviceCallback', 'CudaCallback', 'default_device', 'ChannelsLast']
 
 
 def default_device() -> torch.device:
@@ -48,3 +48,47 @@ class CudaCallback(DeviceCallback):
         if not torch.cuda.is_available():
             warnings.warn("CudaCallback: CUDA is not available, training on the CPU", stacklevel=2)
         super().__init__()
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class ChannelsLast(Callback):
+    """The model's 4-D weights and every 4-D batch in `torch.channels_last` during the fit (faster convolutions
+    on most CPUs and on tensor-core GPUs); `after_fit` gives each weight back its memory format.
+
+    Batches that are not 4-D pass unchanged, with one warning per fit.
+    """
+    _order = Order.CHANNELS_LAST
+
+    def __init__(self) -> None:
+        self.saved: list | None = None
+        self.warned = False
+
+    def begin_fit(self) -> None:
+        self.warned = False
+        tensors = [t for t in (*self.run.model.parameters(), *self.run.model.buffers()) if t.ndim == 4]
+        self.saved = [(t, _memory_format(t)) for t in tensors]
+        self.run.model.to(memory_format=torch.channels_last)
+
+    def begin_batch(self) -> None:
+        xb = self.run.xb
+        if isinstance(xb, torch.Tensor) and xb.ndim == 4:
+            self.run.xb = xb.contiguous(memory_format=torch.channels_last)
+        elif not self.warned:
+            self.warned = True
+            shape = tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__
+            warnings.warn(f"ChannelsLast: the inputs are not (N, C, H, W) image batches (got {shape}); they are "
+                          f"left as they are, and ChannelsLast does nothing for this model", stacklevel=2)
+
+    def after_fit(self) -> None:
+        if self.saved is None: return
+        saved, self.saved = self.saved, None
+        with torch.no_grad():
+            for t, fmt in saved:
+                if _memory_format(t) != fmt: t.data = t.data.contiguous(memory_format=fmt)
+                if t.grad is not None and _memory_format(t.grad) != fmt:
+                    t.grad = t.grad.contiguous(memory_format=fmt)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 
 from ..callback import EVENTS, Callback, Order, flag
 from ..core import do_nothing, to_device
+from ..data.core import TensorLoader
 from .device import DeviceCallback
 from .metrics import AvgStatsCallback
 
@@ -77,8 +78,9 @@ def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: 
 
     Training shards come from a `DistributedSampler` (shuffled like `dl`, padded so every rank runs the
     same number of steps); validation shards are disjoint and unpadded, so the ranks together see every
-    item exactly once.
+    item exactly once. A `TensorLoader` (DataBunch.from_tensors) gives its own shard, a view of the same tensors.
     """
+    if isinstance(dl, TensorLoader): return dl.shard(rank, world_size, train=train, seed=seed if train else None)
     if isinstance(dl.sampler, DistributedSampler): return dl  # sharded by the user already
     if isinstance(dl.dataset, IterableDataset):
         raise ValueError("DistributedCallback cannot shard an IterableDataset; split the stream per rank in the "
@@ -173,7 +175,8 @@ class DistributedCallback(Callback):
 
     def begin_epoch(self) -> None:
         if not self.active: return
-        sampler = self.run.data.train_dl.sampler
+        dl = self.run.data.train_dl
+        sampler = dl if isinstance(dl, TensorLoader) else dl.sampler
         if hasattr(sampler, 'set_epoch'): sampler.set_epoch(self.run.epoch)
 
     def begin_batch(self) -> None:

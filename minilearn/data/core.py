@@ -1,6 +1,10 @@
-"""Dataset and DataBunch: the training and validation loaders a Learner reads."""
+"""Dataset and DataBunch: the training and validation loaders a Learner reads; TensorLoader, batches of
+tensors held in memory by one index-gather per batch (DataLoader's per-item reads and collate are the cost
+it removes)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -8,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .transforms import show_batch
 
-__all__ = ['Dataset', 'DataBunch', 'get_dls']
+__all__ = ['Dataset', 'DataBunch', 'get_dls', 'TensorLoader']
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -29,10 +33,155 @@ class Dataset(torch.utils.data.Dataset):
         return f'{type(self).__name__} ({len(self)} items)'
 
 
-def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataLoader, DataLoader | None]:
-    """A shuffled training loader of batch size `bs` and a validation loader of batch size 2·bs."""
+def _check_bs(bs: Any) -> None:
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch size must be a positive int, got {bs!r}")
+
+
+def _draw_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn once from `generator` (torch's global generator when None)."""
+    return int(torch.randint(0, 2 ** 62, (), generator=generator))
+
+
+class TensorLoader:
+    """Batches `(x[idx], y[idx])` of two tensors in memory, one index-gather per batch; a DataLoader's interface.
+
+    uint8 inputs come out as float32 in [0, 1] (what `to_float_tensor` gives), converted after the gather,
+    on the tensors' device. Shuffled orders come from a torch.Generator seeded with `seed + epoch`: epoch e's
+    order depends on nothing else. Implements the resumable loader protocol (`state_dict`, `load_state_dict`,
+    `set_epoch`) and DDP sharding (`shard`): rank r of w reads items r, r+w, ... of the epoch's order, the
+    training order padded (as DistributedSampler pads) so every rank runs the same number of steps.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
+                 seed: int | None = None, rank: int = 0, world_size: int = 1, pad: bool = False):
+        _check_bs(bs)
+        for name, t in (('x', x), ('y', y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"TensorLoader needs tensors, got {type(t).__name__} for {name}; convert with "
+                                f"torch.as_tensor (image folders: LabeledData.to_tensors())")
+        if len(x) != len(y): raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        if x.device != y.device: raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+        if not 0 <= rank < world_size: raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        self.dataset = Dataset(x, y)  # read at each epoch, so labels replaced there (label noise) are used
+        self.batch_size, self.shuffle, self.drop_last = bs, shuffle, drop_last
+        self.seed = _draw_seed() if seed is None else int(seed)
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0  # the epoch whose order the next iteration yields
+        self._skip = 0  # batches of that epoch already done (set by load_state_dict)
+        self._iter_epoch: int | None = None  # the epoch being iterated, and how many of its batches were yielded
+        self._done = 0
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.dataset.x
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.dataset.y
+
+    @property
+    def device(self) -> torch.device:
+        return self.dataset.x.device
+
+    def _n_items(self) -> int:
+        """How many items this rank reads per epoch."""
+        n = len(self.dataset)
+        if self.pad: return math.ceil(n / self.world_size)
+        return max(0, math.ceil((n - self.rank) / self.world_size))
+
+    def __len__(self) -> int:
+        n = self._n_items()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
+        """The indices (on the CPU) this rank reads in `epoch` (the next epoch by default), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.dataset)
+        if self.shuffle:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            idx = torch.arange(n)
+        if self.pad and n:
+            total = math.ceil(n / self.world_size) * self.world_size
+            idx = torch.cat([idx] * math.ceil(total / n))[:total]
+        return idx[self.rank::self.world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration yield epoch `epoch`'s order (the DistributedSampler convention)."""
+        if epoch != self.epoch: self._skip = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, skip = self.epoch, self._skip
+        self.epoch, self._skip = epoch + 1, 0
+        self._iter_epoch, self._done = epoch, skip
+        x, y, bs, n_batches = self.x, self.y, self.batch_size, len(self)
+        idx = self.order(epoch).to(x.device)  # one copy per epoch; each batch then gathers on the device
+        for b in range(skip, n_batches):
+            batch_idx = idx[b * bs:(b + 1) * bs]
+            xb = x[batch_idx]  # advanced indexing keeps channels-last strides (index_select does not)
+            if xb.dtype == torch.uint8: xb = xb.float().div_(255.)
+            self._done = b + 1
+            yield xb, y[batch_idx]
+
+    def state_dict(self) -> dict:
+        """The position between batches: seed, the epoch being read and how many of its batches were yielded."""
+        if self._iter_epoch is not None and self._done < len(self):
+            epoch, done = self._iter_epoch, self._done
+        else:
+            epoch, done = self.epoch, self._skip
+        return {'seed': self.seed, 'epoch': epoch, 'batches_done': done, 'n_items': len(self.dataset),
+                'batch_size': self.batch_size, 'shuffle': self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: the next iteration yields the rest of its epoch, without loading the batches done."""
+        missing = {'seed', 'epoch', 'batches_done'} - set(state)
+        if missing: raise KeyError(f"TensorLoader.load_state_dict: state lacks {sorted(missing)}; pass what "
+                                   f"state_dict() returned")
+        for key, mine in (('n_items', len(self.dataset)), ('batch_size', self.batch_size), ('shuffle', self.shuffle)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"TensorLoader.load_state_dict: the state was taken with {key}={state[key]}, this "
+                                 f"loader has {key}={mine}; resume with the same data and batch size")
+        done = int(state['batches_done'])
+        if not 0 <= done <= len(self):
+            raise ValueError(f"TensorLoader.load_state_dict: batches_done={done} is outside [0, {len(self)}]")
+        self.seed, self.epoch, self._skip = int(state['seed']), int(state['epoch']), done
+        if done == len(self): self.epoch, self._skip = self.epoch + 1, 0
+        self._iter_epoch, self._done = None, 0
+
+    def _new(self, **changes: Any) -> TensorLoader:
+        kwargs = dict(x=self.x, y=self.y, bs=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                      seed=self.seed, rank=self.rank, world_size=self.world_size, pad=self.pad)
+        kwargs.update(changes)
+        return type(self)(**kwargs)
+
+    def shard(self, rank: int, world_size: int, train: bool, seed: int | None = None) -> TensorLoader:
+        """This rank's shard (same tensors, no copy): training padded and reseeded with `seed`; validation unpadded."""
+        if self.world_size != 1: raise ValueError("this TensorLoader is a shard already; shard the full loader")
+        if not train and self.shuffle:
+            raise ValueError("DistributedCallback shards validation without shuffling; build the validation "
+                             "loader with shuffle=False")
+        loader = self._new(rank=rank, world_size=world_size, pad=train, seed=self.seed if seed is None else seed)
+        loader.epoch = self.epoch
+        return loader
+
+    def ordered(self) -> TensorLoader:
+        """The same data in dataset order, every item once (prediction, statistics)."""
+        return self._new(shuffle=False, drop_last=False, rank=0, world_size=1, pad=False)
+
+    def head(self, n: int) -> TensorLoader:
+        """A loader over the first `n` items in dataset order."""
+        return self._new(x=self.x[:n], y=self.y[:n], shuffle=False, drop_last=False, rank=0, world_size=1, pad=False)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}({len(self.dataset)} items, bs={self.batch_size}, shuffle={self.shuffle}, '
+                f'device={self.device})')
+
+
+def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataLoader, DataLoader | None]:
+    """A shuffled training loader of batch size `bs` and a validation loader of batch size 2·bs."""
+    _check_bs(bs)
     kwargs.pop('shuffle', None)
     train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs)
     valid_dl = None if valid_ds is None else DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, **kwargs)
@@ -56,6 +205,29 @@ class DataBunch:
                       c_out: int | None = None, **dl_kwargs: Any) -> DataBunch:
         """Build the loaders from two map-style datasets (torchvision datasets included)."""
         return cls(*get_dls(train_ds, valid_ds, bs, **dl_kwargs), c_in=c_in, c_out=c_out)
+
+    @classmethod
+    def from_tensors(cls, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor | None = None,
+                     y_valid: torch.Tensor | None = None, bs: int = 64, shuffle: bool = True, drop_last: bool = False,
+                     device: torch.device | str | None = None, c_in: int | None = None, c_out: int | None = None,
+                     seed: int | None = None, vocab: list | None = None, item_tfms: list | None = None) -> DataBunch:
+        """Loaders that gather batches from tensors in memory (`TensorLoader`); validation in order at 2·bs.
+
+        With `device`, the tensors are moved there once (keep images uint8: a quarter of float32's memory,
+        converted per batch on the device). `c_in` defaults to `x_train.shape[1]` for image batches.
+        `seed` seeds the shuffling (drawn from torch's global generator when None).
+        """
+        if (x_valid is None) != (y_valid is None):
+            raise ValueError("give both x_valid and y_valid, or neither (no validation loader)")
+        tensors = [x_train, y_train] + ([] if x_valid is None else [x_valid, y_valid])
+        if device is not None: tensors = [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+        train_dl = TensorLoader(tensors[0], tensors[1], bs, shuffle=shuffle, drop_last=drop_last, seed=seed)
+        if len(train_dl) == 0:
+            raise ValueError(f"the training loader is empty: {len(x_train)} items with bs={bs} and "
+                             f"drop_last={drop_last}; lower bs or set drop_last=False")
+        valid_dl = None if x_valid is None else TensorLoader(tensors[2], tensors[3], bs * 2, seed=0)
+        if c_in is None and x_train.ndim == 4: c_in = x_train.shape[1]
+        return cls(train_dl, valid_dl, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms)
 
     @property
     def c(self) -> int | None:

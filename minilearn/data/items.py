@@ -15,6 +15,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleProgressBar, NBProgressBar
+from torch.utils.data import DataLoader
 
 from ..core import listify
-from .core import DataBunch, get_dls
-from .transforms import compose
+from .core import DataBunch, _draw_seed, get_dls
+from .transforms import compose, order_tfms, to_float_tensor
 
 __all__ = ['image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image', 'SplitData', 'split_by_func',
            'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor', 'LabeledData',
@@ -206,14 +209,35 @@ class SplitData:
         """Split an item list with `f` (see `split_by_func`)."""
         return cls(*map(il.new, split_by_func(il.items, f)))
 
-    def to_databunch(self, bs: int, c_in: int | None = None, c_out: int | None = None, **dl_kwargs: Any) -> DataBunch:
-        """A DataBunch (train shuffled, valid at 2·bs) with `vocab` and the validation inputs' `item_tfms`."""
+    def _check_labelled(self) -> None:
         for name, part in (('train', self.train), ('valid', self.valid)):
             if not isinstance(part, LabeledData):
                 raise TypeError(f"SplitData.{name} is a {type(part).__name__}, not labelled data: label the split "
                                 f"first, e.g. label_by_func(sd, parent_labeler, proc_y=CategoryProcessor())")
+
+    def to_tensors(self, num_workers: int = 0, bs: int = 256, progress: bool | None = None
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((x_train, y_train), (x_valid, y_valid)): both halves decoded once (see `LabeledData.to_tensors`)."""
+        self._check_labelled()
+        return (self.train.to_tensors(num_workers, bs, progress=progress),
+                self.valid.to_tensors(num_workers, bs, progress=progress))
+
+    def to_databunch(self, bs: int, c_in: int | None = None, c_out: int | None = None, cache: bool = False,
+                     device: torch.device | str | None = None, **dl_kwargs: Any) -> DataBunch:
+        """A DataBunch (train shuffled, valid at 2·bs) with `vocab` and the validation inputs' `item_tfms`.
+
+        `cache=True` decodes every item once (`to_tensors`, with `num_workers`) and trains from memory
+        (`DataBunch.from_tensors`, resident on `device` when given; its shuffling seed is drawn from
+        `generator` when given); otherwise DataLoaders read the items every epoch.
+        """
+        self._check_labelled()
         vocab = getattr(self.train.proc_y, 'vocab', None)
         if c_out is None and vocab is not None: c_out = len(vocab)
+        if cache:
+            return _cached_databunch(self.train, self.valid, bs, c_in, c_out, vocab, self.valid.x.tfms, device,
+                                     dl_kwargs)
+        if device is not None: raise ValueError("device= needs cache=True (DataLoaders leave batches on the CPU; "
+                                                "a DeviceCallback moves them)")
         return DataBunch(*get_dls(self.train, self.valid, bs, **dl_kwargs), c_in=c_in, c_out=c_out,
                          vocab=vocab, item_tfms=self.valid.x.tfms)
 
@@ -340,15 +364,100 @@ class LabeledData:
             item = proc.deproc1(item) if is_int else proc.deprocess(item)
         return item
 
-    def to_databunch(self, bs: int, c_in: int | None = None, c_out: int | None = None, **dl_kwargs: Any) -> DataBunch:
-        """A training-only DataBunch (no validation loader); split first to get one with validation."""
+    def to_tensors(self, num_workers: int = 0, bs: int = 256, progress: bool | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): every item read and transformed once, stacked in order, with a progress bar while decoding.
+
+        When the input transforms end with `to_float_tensor`, images are kept as uint8 (a quarter of the
+        memory; `DataBunch.from_tensors` batches convert them the same way on the device). 4-D images are
+        stored channels-last. `num_workers` decoding processes; `progress` None shows the bar in notebooks
+        and terminals only. Every item must have the same shape (resize first: `ResizeFixed`).
+        """
+        if len(self) == 0: raise ValueError("to_tensors: the labelled data is empty")
+        tfms = order_tfms(self.x.tfms)
+        keep_bytes = bool(tfms) and tfms[-1] is to_float_tensor
+        source = _Decoding(self, tfms[:-1] if keep_bytes else tfms)
+        dl = DataLoader(source, batch_size=bs, shuffle=False, num_workers=num_workers, collate_fn=_stack_items)
+        if progress is None: progress = IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+        bar = (NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar)(dl, display=progress, leave=False)
+        x = y = None
+        start = 0
+        for xb, yb in bar:
+            if x is None:  # sized from the first batch; filled in place, so memory stays at the data's size
+                fmt = torch.channels_last if xb.ndim == 4 else torch.contiguous_format
+                x = torch.empty((len(self), *xb.shape[1:]), dtype=xb.dtype, memory_format=fmt)
+                y = torch.empty((len(self), *yb.shape[1:]), dtype=yb.dtype)
+            x[start:start + len(xb)] = xb
+            y[start:start + len(yb)] = yb
+            start += len(xb)
+        return x, y
+
+    def to_databunch(self, bs: int, c_in: int | None = None, c_out: int | None = None, cache: bool = False,
+                     device: torch.device | str | None = None, **dl_kwargs: Any) -> DataBunch:
+        """A training-only DataBunch (no validation loader); split first to get one with validation.
+
+        `cache=True` decodes once and trains from memory, as `SplitData.to_databunch` does.
+        """
         vocab = getattr(self.proc_y, 'vocab', None)
         if c_out is None and vocab is not None: c_out = len(vocab)
+        if cache: return _cached_databunch(self, None, bs, c_in, c_out, vocab, self.x.tfms, device, dl_kwargs)
+        if device is not None: raise ValueError("device= needs cache=True (DataLoaders leave batches on the CPU; "
+                                                "a DeviceCallback moves them)")
         return DataBunch(*get_dls(self, None, bs, **dl_kwargs), c_in=c_in, c_out=c_out, vocab=vocab,
                          item_tfms=self.x.tfms)
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}\nx: {self.x}\ny: {self.y}\n'
+
+
+class _Decoding:
+    """Labelled data read through `tfms` instead of its own input transforms (picklable, for workers)."""
+
+    def __init__(self, data: LabeledData, tfms: list):
+        self.data, self.tfms = data, tfms
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        x = self.data.x
+        item = x.get(x.items[i])
+        if self.tfms:
+            try:
+                item = compose(item, self.tfms)
+            except Exception as e:
+                if hasattr(e, 'add_note'): e.add_note(f"while transforming item {i} ({x.items[i]!r})")
+                raise
+        return item, self.data.y[i]
+
+
+def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*items)
+    for name, values in (('input', xs), ('target', ys)):
+        if not all(isinstance(v, (torch.Tensor, int, float)) for v in values):
+            raise TypeError(f"to_tensors: every {name} must be a tensor or a number after the transforms, got "
+                            f"{type(next(v for v in values if not isinstance(v, (torch.Tensor, int, float)))).__name__}; "
+                            f"end the input transforms with to_byte_tensor (and to_float_tensor)")
+    shapes = {tuple(torch.as_tensor(v).shape) for v in xs}
+    if len(shapes) > 1:
+        raise ValueError(f"to_tensors: items of different shapes {sorted(shapes)[:4]}; resize them to one size "
+                         f"in the transforms (ResizeFixed(size)) before decoding into tensors")
+    return torch.stack([torch.as_tensor(v) for v in xs]), torch.as_tensor(ys)
+
+
+def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_in: int | None, c_out: int | None,
+                      vocab: list | None, item_tfms: list, device: Any, dl_kwargs: dict) -> DataBunch:
+    unknown = set(dl_kwargs) - {'num_workers', 'generator', 'shuffle', 'drop_last', 'progress'}
+    if unknown:
+        raise TypeError(f"to_databunch(cache=True) takes num_workers, generator, drop_last and progress; "
+                        f"{sorted(unknown)} apply to DataLoaders only (cache=False)")
+    workers, progress = dl_kwargs.get('num_workers', 0), dl_kwargs.get('progress')
+    generator = dl_kwargs.get('generator')
+    x_train, y_train = train.to_tensors(workers, progress=progress)
+    x_valid, y_valid = (None, None) if valid is None else valid.to_tensors(workers, progress=progress)
+    return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs, drop_last=dl_kwargs.get('drop_last', False),
+                                  device=device, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms,
+                                  seed=None if generator is None else _draw_seed(generator))
 
 
 def label_by_func(sd: SplitData, f: Callable[[Any], Any], proc_x: Any = None, proc_y: Any = None) -> SplitData:

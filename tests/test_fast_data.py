@@ -1,0 +1,380 @@
+"""The fast data path (issue 15): DataBunch.from_tensors / TensorLoader, decode once, ChannelsLast, batch augmentation."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from helpers import small_cnn
+from minilearn import (CancelTrainException, ChannelsLast, DataBunch, Dataset, Learner, Normalize, RandomCropPad,
+                       RandomFlip, RandomResizedCrop, TensorLoader, make_rgb, label_image_folder, save_shapes_folder,
+                       shard_loader, to_byte_tensor, to_float_tensor)
+from minilearn.callback import Callback
+from minilearn.callbacks.transforms import BatchTransformXCallback
+
+
+def images(n=40, c=3, h=8, w=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+class BatchLog(Callback):
+    """Keeps the inputs and targets of every batch (after the callbacks of lower _order ran)."""
+    _order = 100
+
+    def __init__(self, train_only=True):
+        self.train_only, self.batches = train_only, []
+
+    def begin_batch(self):
+        if self.in_train or not self.train_only: self.batches.append((self.in_train, self.xb.clone(), self.yb.clone()))
+
+
+def quiet_fit(learn, *args, **kwargs):
+    learn.logger = lambda *a: None
+    learn.fit(*args, **kwargs)
+
+
+# ---- TensorLoader ---------------------------------------------------------------------------------------
+def test_batches_equal_a_hand_indexed_reference_for_a_fixed_seed():
+    x, y = images(37)
+    data = DataBunch.from_tensors(x, y, x[:10], y[:10], bs=8, seed=123)
+    dl = data.train_dl
+    for epoch in range(2):
+        perm = torch.randperm(37, generator=torch.Generator().manual_seed(123 + epoch))
+        got = list(dl)
+        assert len(got) == len(dl) == 5
+        for b, (xb, yb) in enumerate(got):
+            idx = perm[b * 8:(b + 1) * 8]
+            expected = torch.stack([to_float_tensor(x[i]) for i in idx])  # the item transform, one by one
+            assert xb.dtype == torch.float32 and torch.equal(xb, expected) and torch.equal(yb, y[idx])
+    valid = list(data.valid_dl)  # in order, at twice the batch size
+    assert [len(b[1]) for b in valid] == [10] and torch.equal(valid[0][1], y[:10])
+    assert data.c_in == 3 and len(data.train_ds) == 37 and len(data.valid_ds) == 10
+
+
+def test_every_item_once_per_epoch_and_a_new_order_each_epoch():
+    x = torch.arange(50.).view(50, 1)
+    dl = TensorLoader(x, torch.arange(50), bs=7, shuffle=True, seed=5)
+    orders = [torch.cat([yb for _, yb in dl]) for _ in range(3)]
+    for order in orders: assert sorted(order.tolist()) == list(range(50))
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+
+
+def test_the_order_of_an_epoch_does_not_depend_on_how_much_of_earlier_epochs_was_read():
+    x = torch.arange(30.).view(30, 1)
+    full = TensorLoader(x, torch.arange(30), bs=4, shuffle=True, seed=9)
+    partial = TensorLoader(x, torch.arange(30), bs=4, shuffle=True, seed=9)
+    list(full)
+    next(iter(partial))  # epoch 0 abandoned after one batch
+    assert torch.equal(torch.cat([y for _, y in full]), torch.cat([y for _, y in partial]))
+    partial.set_epoch(0)
+    assert torch.equal(torch.cat([y for _, y in partial]), full.order(0))
+
+
+def test_the_default_seed_comes_from_torch_global_generator():
+    x, y = images(20)
+    torch.manual_seed(3)
+    a = DataBunch.from_tensors(x, y, bs=4).train_dl
+    torch.manual_seed(3)
+    b = DataBunch.from_tensors(x, y, bs=4).train_dl
+    torch.manual_seed(4)
+    c = DataBunch.from_tensors(x, y, bs=4).train_dl
+    assert a.seed == b.seed != c.seed and torch.equal(a.order(0), b.order(0))
+
+
+def test_drop_last():
+    x = torch.arange(10.).view(10, 1)
+    keep = TensorLoader(x, torch.arange(10), bs=4)
+    drop = TensorLoader(x, torch.arange(10), bs=4, drop_last=True)
+    assert len(keep) == 3 and [len(y) for _, y in keep] == [4, 4, 2]
+    assert len(drop) == 2 and [len(y) for _, y in drop] == [4, 4]
+    with pytest.raises(ValueError, match='training loader is empty.*lower bs'):
+        DataBunch.from_tensors(x, torch.arange(10), bs=16, drop_last=True)
+
+
+def test_bad_input_is_named():
+    x, y = images(10)
+    with pytest.raises(ValueError, match='same length'): TensorLoader(x, y[:5])
+    with pytest.raises(TypeError, match='needs tensors'): TensorLoader(x.tolist(), y)
+    with pytest.raises(ValueError, match='positive int'): TensorLoader(x, y, bs=0)
+    with pytest.raises(ValueError, match='both x_valid and y_valid'): DataBunch.from_tensors(x, y, x_valid=x)
+
+
+def test_resume_mid_way_through_a_fit_gives_identical_batches():
+    x, y = images(40)
+
+    def learner(seed):
+        torch.manual_seed(0)
+        return Learner(small_cnn(), DataBunch.from_tensors(x, y, x[:8], y[:8], bs=6, seed=seed), F.cross_entropy)
+
+    class StopAt(Callback):
+        def after_batch(self):
+            if self.in_train and self.epoch == 1 and self.iter == 2:
+                self.state = self.data.train_dl.state_dict()  # between batches: 3 of epoch 1 done
+                raise CancelTrainException()
+
+    uninterrupted, log = learner(seed=11), BatchLog()
+    quiet_fit(uninterrupted, 3, cbs=[log])
+    first, log_a, stop = learner(seed=11), BatchLog(), StopAt()
+    quiet_fit(first, 3, cbs=[log_a, stop])
+    assert stop.state['epoch'] == 1 and stop.state['batches_done'] == 3
+    resumed, log_b = learner(seed=999), BatchLog()  # another seed: the state brings the right one
+    resumed.data.train_dl.load_state_dict(stop.state)
+    quiet_fit(resumed, 3, cbs=[log_b], start_epoch=1)
+    n_batches = len(uninterrupted.data.train_dl)
+    assert len(log_a.batches) == n_batches + 3 and len(log_b.batches) == n_batches - 3 + n_batches
+    for (_, xa, ya), (_, xb, yb) in zip(log.batches, log_a.batches + log_b.batches, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_state_dict_between_epochs_and_mismatched_states():
+    dl = TensorLoader(torch.zeros(10, 1), torch.arange(10), bs=3, shuffle=True, seed=1)
+    assert dl.state_dict() == {'seed': 1, 'epoch': 0, 'batches_done': 0, 'n_items': 10, 'batch_size': 3,
+                               'shuffle': True}
+    list(dl)
+    assert dl.state_dict()['epoch'] == 1 and dl.state_dict()['batches_done'] == 0
+    other = TensorLoader(torch.zeros(12, 1), torch.arange(12), bs=3, shuffle=True)
+    with pytest.raises(ValueError, match='n_items=10.*n_items=12'): other.load_state_dict(dl.state_dict())
+    with pytest.raises(KeyError, match='batches_done'): other.load_state_dict({'seed': 1, 'epoch': 0})
+    fresh = TensorLoader(torch.zeros(10, 1), torch.arange(10), bs=3, shuffle=True, seed=7)
+    fresh.load_state_dict({**dl.state_dict(), 'epoch': 4, 'batches_done': 4})  # epoch 4 complete: epoch 5 next
+    assert torch.equal(torch.cat([y for _, y in fresh]), dl.order(5))
+
+
+@pytest.mark.parametrize('n, world_size', [(20, 2), (23, 3), (5, 4)])
+def test_ddp_shards_partition_the_data(n, world_size):
+    dl = TensorLoader(torch.arange(float(n)).view(n, 1), torch.arange(n), bs=3, shuffle=True, seed=2)
+    valid = TensorLoader(torch.arange(float(n)).view(n, 1), torch.arange(n), bs=3)
+    for epoch in (0, 1):
+        shards = [shard_loader(dl, r, world_size, train=True, seed=7) for r in range(world_size)]
+        for s in shards: s.set_epoch(epoch)
+        seen = [torch.cat([y for _, y in s]) for s in shards]
+        assert len({len(s) for s in shards}) == 1 and len({len(v) for v in seen}) == 1  # same steps on every rank
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch))
+        interleaved = torch.stack(seen, 1).flatten()  # rank r holds items r, r + w, ... of the epoch's order
+        padded = torch.cat([perm] * world_size)[:len(interleaved)]
+        assert torch.equal(interleaved, padded) and set(interleaved.tolist()) == set(range(n))
+    vshards = [torch.cat([y for _, y in shard_loader(valid, r, world_size, train=False)] or [torch.tensor([])])
+               for r in range(world_size)]
+    assert sorted(torch.cat(vshards).tolist()) == list(range(n))  # every validation item exactly once
+    with pytest.raises(ValueError, match='without shuffling'): shard_loader(dl, 0, 2, train=False)
+
+
+def test_device_resident_data_and_predictions_in_dataset_order():
+    x, y = images(30)
+    data = DataBunch.from_tensors(x, y, x[:10], y[:10], bs=8, device='cpu', seed=0)
+    assert data.train_dl.x.dtype == torch.uint8  # stays bytes in memory; floats per batch
+    torch.manual_seed(0)
+    learn = Learner(small_cnn(), data, F.cross_entropy)
+    preds, targets = learn.get_preds(dl=data.train_dl)  # shuffled loader: back in dataset order
+    assert torch.equal(targets, y)
+    with torch.no_grad(): expected = learn.model(x.float() / 255)
+    torch.testing.assert_close(preds, expected.softmax(1))
+    assert 'Conv2d' in learn.summary()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: a device-resident dataset')
+def test_cuda_resident_data():
+    x, y = images(30)
+    data = DataBunch.from_tensors(x, y, x[:10], y[:10], bs=8, device='cuda', seed=0)
+    xb, yb = next(iter(data.train_dl))
+    assert xb.is_cuda and yb.is_cuda and data.train_dl.x.dtype == torch.uint8
+    torch.testing.assert_close(xb.cpu(), x[data.train_dl.order(0)[:8]].float() / 255)
+
+
+# ---- decode once ----------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return save_shapes_folder(tmp_path_factory.mktemp('shapes'), n_per_class=3, n_valid_per_class=1, size=12,
+                              n_classes=4)
+
+
+def test_to_tensors_decodes_every_item_once_as_uint8(folder):
+    sd = label_image_folder(folder, tfms=[make_rgb, to_byte_tensor, to_float_tensor], valid_name='val')
+    (x, y), (xv, yv) = sd.to_tensors(progress=False)
+    assert x.dtype == torch.uint8 and x.shape == (12, 3, 12, 12) and x.is_contiguous(memory_format=torch.channels_last)
+    for i in range(len(sd.train)):
+        xi, yi = sd.train[i]
+        assert torch.equal(x[i].float() / 255, xi) and y[i] == yi
+    assert torch.equal(yv, torch.tensor([sd.valid[i][1] for i in range(len(sd.valid))]))
+
+
+def test_to_databunch_cache_trains_from_memory_with_the_same_items(folder):
+    sd = label_image_folder(folder, tfms=[make_rgb, to_byte_tensor, to_float_tensor], valid_name='val')
+    data = sd.to_databunch(4, c_in=3, cache=True, progress=False, generator=torch.Generator().manual_seed(0))
+    assert isinstance(data.train_dl, TensorLoader) and data.vocab == sd.train.proc_y.vocab and data.c_out == 4
+    ref = DataLoader(sd.valid, batch_size=8)
+    for (xa, ya), (xb, yb) in zip(data.valid_dl, ref, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(TypeError, match='pin_memory.*cache=False'): sd.to_databunch(4, cache=True, pin_memory=True)
+
+
+def test_to_tensors_names_items_of_different_shapes(tmp_path):
+    from PIL import Image
+    for cls, size in (('a', 8), ('b', 10)):
+        for split in ('train', 'val'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new('RGB', (size, size)).save(tmp_path / split / cls / '0.png')
+    sd = label_image_folder(tmp_path, tfms=[make_rgb, to_byte_tensor], valid_name='val')
+    with pytest.raises(ValueError, match='different shapes.*ResizeFixed'): sd.train.to_tensors(progress=False)
+
+
+# ---- ChannelsLast ---------------------------------------------------------------------------------------
+class FormatProbe(Callback):
+    _order = 50
+
+    def begin_fit(self): self.formats = set()
+
+    def begin_batch(self):
+        conv = self.model[0].weight
+        self.formats.add((self.xb.is_contiguous(memory_format=torch.channels_last),
+                          conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()))
+
+
+def test_channels_last_during_the_fit_and_the_model_restored_after():
+    x, y = images(24)
+    torch.manual_seed(0)
+    learn = Learner(small_cnn(), DataBunch.from_tensors(x, y, x[:8], y[:8], bs=8, seed=0), F.cross_entropy)
+    probe = FormatProbe()
+    quiet_fit(learn, 1, cbs=[ChannelsLast(), probe])
+    assert probe.formats == {(True, True)}
+    assert all(p.is_contiguous() for p in learn.model.parameters())  # NCHW again
+    cl_model = small_cnn().to(memory_format=torch.channels_last)  # a channels-last model stays channels-last
+    learn = Learner(cl_model, DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
+    quiet_fit(learn, 1, cbs=[ChannelsLast()])
+    assert not cl_model[0].weight.is_contiguous() and cl_model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_outputs_equal_nchw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(5, 3, 10, 10)
+    expected = model(x)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, expected, rtol=1e-4, atol=1e-5)
+    learn = Learner(model, DataBunch.from_tensors(x, torch.zeros(5, dtype=torch.long), bs=5, seed=0), F.cross_entropy)
+    cb = ChannelsLast()
+    learn.add_cb(cb)
+    cb.begin_fit()
+    learn.xb = x
+    cb.begin_batch()
+    torch.testing.assert_close(learn.model(learn.xb), expected, rtol=1e-4, atol=1e-5)
+    cb.after_fit()
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_channels_last_warns_once_for_inputs_that_are_not_images():
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    learn = Learner(nn.Linear(6, 3), DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
+    with pytest.warns(UserWarning, match='not \\(N, C, H, W\\)') as record:
+        quiet_fit(learn, 2, cbs=[ChannelsLast()])
+    assert len([w for w in record if 'ChannelsLast' in str(w.message)]) == 1
+
+
+# ---- augmentation ---------------------------------------------------------------------------------------
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def batch(fmt, n=6, c=3, h=7, w=9):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, c, h, w, generator=g).contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize('mode', ['zeros', 'reflect'])
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_random_crop_pad_equals_a_per_item_reference(mode, fmt):
+    xb, cb = batch(fmt), RandomCropPad(pad=3, mode=mode)
+    top, left = cb.draw(xb)
+    out = cb.apply(xb, (top, left))
+    assert out.shape == xb.shape and out.is_contiguous(memory_format=fmt)
+    for i in range(len(xb)):
+        padded = F.pad(xb[i:i + 1], (3,) * 4, mode='constant' if mode == 'zeros' else 'reflect')[0]
+        assert torch.equal(out[i], padded[:, top[i]:top[i] + 7, left[i]:left[i] + 9])
+    assert 0 <= int(top.min()) and int(top.max()) <= 6 and len(set(top.tolist())) > 1
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_random_flip_equals_a_per_item_reference(fmt):
+    xb, cb = batch(fmt, n=40), RandomFlip(p=0.5)
+    flip = cb.draw(xb)
+    out = cb.apply(xb, flip)
+    assert out.is_contiguous(memory_format=fmt) and 0 < int(flip.sum()) < 40
+    for i in range(len(xb)):
+        assert torch.equal(out[i], xb[i].flip(-1) if flip[i] else xb[i])
+    assert not RandomFlip(p=0.).draw(xb).any() and RandomFlip(p=1.).draw(xb).all()
+
+
+def bilinear_reference(img, top, left, bh, bw, size):
+    """One image's box resized to `size` by hand: source pixel of output (i, j) at top + (i + 0.5)·bh/H' - 0.5."""
+    c, h, w = img.shape
+    out = torch.empty(c, *size, dtype=torch.float64)
+    img = img.double()
+    for i in range(size[0]):
+        for j in range(size[1]):
+            sy = min(max(top + (i + 0.5) * bh / size[0] - 0.5, 0.), h - 1.)
+            sx = min(max(left + (j + 0.5) * bw / size[1] - 0.5, 0.), w - 1.)
+            y0, x0 = int(sy), int(sx)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            dy, dx = sy - y0, sx - x0
+            out[:, i, j] = ((1 - dy) * (1 - dx) * img[:, y0, x0] + (1 - dy) * dx * img[:, y0, x1]
+                            + dy * (1 - dx) * img[:, y1, x0] + dy * dx * img[:, y1, x1])
+    return out
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_random_resized_crop_equals_a_per_item_reference(fmt):
+    xb, cb = batch(fmt, n=4), RandomResizedCrop((5, 6), scale=(0.3, 1.))
+    boxes = cb.draw(xb)
+    top, left, bh, bw = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= 7 + 1e-5).all() and (left + bw <= 9 + 1e-5).all()
+    area = bh * bw / 63
+    assert (area >= 0.3 - 1e-5).all() and (area <= 1 + 1e-5).all()
+    out = cb.apply(xb, boxes)
+    assert out.shape == (4, 3, 5, 6) and out.is_contiguous(memory_format=fmt)
+    for i in range(4):
+        ref = bilinear_reference(xb[i], *boxes[i].tolist(), (5, 6))
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_augmentation_draws_come_from_torch_generator():
+    xb = batch(torch.contiguous_format)
+    for cb in (RandomCropPad(), RandomFlip(), RandomResizedCrop(7)):
+        torch.manual_seed(5)
+        a = cb.apply(xb, cb.draw(xb))
+        torch.manual_seed(5)
+        assert torch.equal(a, cb.apply(xb, cb.draw(xb)))
+
+
+def test_augmentation_applies_to_training_batches_only_and_not_to_predictions():
+    x, y = images(16)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    torch.manual_seed(0)
+    learn = Learner(small_cnn(), DataBunch.from_tensors(x, y, x, y, bs=8, seed=0), F.cross_entropy,
+                    cbs=[BatchTransformXCallback(norm)])
+    plain_preds, _ = learn.get_preds()
+    log = BatchLog(train_only=False)
+    order = learn.data.train_dl.order(0)
+    quiet_fit(learn, 1, cbs=[RandomFlip(1.), log])
+    train = [b for b in log.batches if b[0]]
+    valid = [b for b in log.batches if not b[0]]
+    assert torch.equal(train[0][1], norm(x[order[:8]].float() / 255).flip(-1))  # after normalization, flipped
+    assert torch.equal(torch.cat([b[1] for b in valid]), norm(x.float() / 255))  # identity in validation
+    learn.add_cbs([RandomCropPad(2), RandomFlip(1.), RandomResizedCrop(8)])  # attached: predictions see plain inputs
+    model_preds, _ = learn.get_preds()
+    with torch.no_grad(): expected = learn.model(norm(x.float() / 255)).softmax(1)
+    torch.testing.assert_close(model_preds, expected)
+    assert plain_preds.shape == model_preds.shape
+
+
+def test_augmentation_arguments_are_checked():
+    with pytest.raises(ValueError, match="'zeros' or 'reflect'"): RandomCropPad(mode='edge')
+    with pytest.raises(ValueError, match='pad must be an int'): RandomCropPad(pad=-1)
+    with pytest.raises(ValueError, match='probability'): RandomFlip(p=2)
+    with pytest.raises(ValueError, match='scale'): RandomResizedCrop(8, scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match='reflect padding needs pad < image size'):
+        cb = RandomCropPad(pad=8, mode='reflect')
+        xb = torch.zeros(2, 1, 4, 4)
+        cb.apply(xb, cb.draw(xb))
+    with pytest.raises(ValueError, match='image batches'): RandomFlip().draw(torch.zeros(4, 10))
