@@ -189,32 +189,35 @@ def _valid_folder(path: Path) -> str | None:
     return next((name for name in ('val', 'valid', 'test') if (path / name).is_dir()), None)
 
 
-def _build_data(args: argparse.Namespace, generator: torch.Generator) -> tuple[Any, dict]:
-    """The DataBunch and a description of it for metrics.json."""
-    dl_kwargs = {'num_workers': args.workers, 'generator': generator}
+def _build_data(args: argparse.Namespace) -> tuple[Any, dict]:
+    """The DataBunch (decoded once, batches gathered from memory) and a description of it for metrics.json."""
+    cache_kwargs = {'cache': True, 'num_workers': args.workers, 'seed': args.seed, 'progress': False if args.quiet else None}
     if args.data is None:
-        from .data.shapes import shapes_databunch
+        from .data.core import DataBunch
+        from .data.shapes import shapes_datasets
         n_per_class = args.n_per_class or DEFAULT_N_PER_CLASS
         n_classes = 10
-        data = shapes_databunch(n_per_class * n_classes, max(10, n_per_class // 4) * n_classes, args.bs,
-                                size=args.size, seed=args.seed, n_classes=n_classes, **dl_kwargs)
+        train, valid = shapes_datasets(n_per_class * n_classes, max(10, n_per_class // 4) * n_classes, size=args.size,
+                                       n_classes=n_classes, seed=args.seed)
+        data = DataBunch.from_tensors(train.x, train.y, valid.x, valid.y, args.bs, c_in=3, c_out=n_classes,
+                                      seed=args.seed, vocab=train.vocab)
         return data, {'source': 'shapes', 'path': None}
     kind = _data_format(args.data)
     if kind == 'cifar10':
         from .data.external import cifar10_databunch
-        data = cifar10_databunch(args.data, args.bs, n_per_class=args.n_per_class, **dl_kwargs)
+        data = cifar10_databunch(args.data, args.bs, n_per_class=args.n_per_class, **cache_kwargs)
     elif kind == 'mnist':
         from .data.external import mnist_databunch
         has_train = any(args.data.glob('train-images*idx3-ubyte*'))
         data = mnist_databunch(args.data, args.bs, n_per_class=args.n_per_class,
-                               split_test=None if has_train else 0.2, **dl_kwargs)
+                               split_test=None if has_train else 0.2, **cache_kwargs)
     else:
         from .data.items import label_image_folder
         from .data.transforms import ResizeFixed, make_rgb, to_byte_tensor, to_float_tensor
         tfms = [make_rgb, ResizeFixed(args.size), to_byte_tensor, to_float_tensor]
         sd = label_image_folder(args.data, tfms=tfms, train_name='train', valid_name=_valid_folder(args.data),
                                 n_per_class=args.n_per_class)
-        data = sd.to_databunch(args.bs, c_in=3, **dl_kwargs)
+        data = sd.to_databunch(args.bs, c_in=3, **cache_kwargs)
     return data, {'source': kind, 'path': str(args.data)}
 
 
@@ -243,13 +246,13 @@ def _build_loss(args: argparse.Namespace) -> Any:
 
 
 def _build_callbacks(args: argparse.Namespace, data: Any, device: torch.device) -> list:
-    from .callbacks.device import DeviceCallback
+    from .callbacks.device import ChannelsLast, DeviceCallback
     from .callbacks.metrics import AvgStatsCallback, accuracy
     from .callbacks.progress import ProgressCallback
     from .callbacks.recorder import Recorder
     from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats
-    mean, std = channel_stats(data.train_dl, n_batches=10)
-    cbs = [DeviceCallback(device), BatchTransformXCallback(Normalize(mean, std.clamp_min(1e-3))),
+    mean, std = channel_stats(data.train_dl.ordered())  # the whole training set, in memory
+    cbs = [DeviceCallback(device), ChannelsLast(), BatchTransformXCallback(Normalize(mean, std.clamp_min(1e-3))),
            AvgStatsCallback([accuracy]), Recorder()]
     if not args.quiet: cbs.append(ProgressCallback())
     if args.mixup is not None:
@@ -306,7 +309,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
     start = time.time()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    data, data_info = _build_data(args, generator)
+    data, data_info = _build_data(args)
     noise = _add_noise(args, data, generator)
     model = _build_model(args, data)
     opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)

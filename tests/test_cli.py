@@ -14,6 +14,7 @@ import torch
 from minilearn import cli
 from minilearn.cli import build_learner, build_parser, main
 from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
+from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to_byte_tensor
 
 TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
 OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--workers', '--arch', '--epochs', '--bs', '--lr',
@@ -123,9 +124,12 @@ def test_image_folder_data(tmp_path):
     assert data['n_train'] == 12 and data['n_valid'] == 6 and data['vocab'] == sorted(SHAPE_NAMES[:3])
     assert metrics['noise']['n_redrawn'] == 6
     learn, _ = build_learner(_args('--data', str(root), '--size', '16', '--noise', '0.5', '--out', str(out)))
-    train_ds = learn.data.train_ds  # labelled item list: noisy y, clean labels kept aside
-    assert sum(a != b for a, b in zip(train_ds.y.items, train_ds.clean_targets)) == int(train_ds.noise_mask.sum())
-    assert learn.data.valid_ds.y.items == [learn.data.vocab.index(p.parent.name) for p in learn.data.valid_ds.x.items]
+    train_ds = learn.data.train_ds  # decoded once into tensors: noisy y, clean labels kept aside
+    assert int((train_ds.y != train_ds.clean_targets).sum()) == int(train_ds.noise_mask.sum())
+    files = label_image_folder(root, valid_name='val')
+    assert learn.data.valid_ds.y.tolist() == [learn.data.vocab.index(p.parent.name) for p in files.valid.x.items]
+    assert isinstance(learn.data.train_dl, TensorLoader) and train_ds.x.dtype == torch.uint8
+    assert torch.equal(train_ds.x[0], to_byte_tensor(make_rgb(open_image(files.train.x.items[0]))))
 
 
 def _write_idx(path, array, dtype_code=0x08):

@@ -201,6 +201,14 @@ def test_to_tensors_decodes_every_item_once_as_uint8(folder):
     assert torch.equal(yv, torch.tensor([sd.valid[i][1] for i in range(len(sd.valid))]))
 
 
+def test_to_tensors_shows_a_progress_bar_only_when_asked(folder, capsys):
+    sd = label_image_folder(folder, tfms=[make_rgb, to_byte_tensor, to_float_tensor], valid_name='val')
+    sd.train.to_tensors(progress=False)
+    assert capsys.readouterr().out == ''
+    sd.train.to_tensors(bs=4, progress=True)
+    assert '3/3' in capsys.readouterr().out  # three batches of 4 decoded
+
+
 def test_to_databunch_cache_trains_from_memory_with_the_same_items(folder):
     sd = label_image_folder(folder, tfms=[make_rgb, to_byte_tensor, to_float_tensor], valid_name='val')
     data = sd.to_databunch(4, c_in=3, cache=True, progress=False, generator=torch.Generator().manual_seed(0))
@@ -304,6 +312,40 @@ def test_random_flip_equals_a_per_item_reference(fmt):
     for i in range(len(xb)):
         assert torch.equal(out[i], xb[i].flip(-1) if flip[i] else xb[i])
     assert not RandomFlip(p=0.).draw(xb).any() and RandomFlip(p=1.).draw(xb).all()
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_crop_and_flip_together_flip_within_the_crop_with_the_same_draws(fmt):
+    xb = batch(fmt, n=16)
+    learn = Learner(small_cnn(), DataBunch.from_tensors(xb, torch.zeros(16, dtype=torch.long), bs=16, seed=0),
+                    F.cross_entropy)
+    crop, flip = RandomCropPad(2), RandomFlip()
+    learn.add_cbs([crop, flip])
+    crop.begin_fit(), flip.begin_fit()
+    learn.xb, learn.in_train = xb, True
+    torch.manual_seed(0)
+    crop.begin_batch()
+    flip.begin_batch()  # done by the crop: nothing more here
+    torch.manual_seed(0)
+    offsets, flips = crop.draw(xb), flip.draw(xb)
+    expected = flip.apply(crop.apply(xb, offsets), flips)  # the two applied one after the other
+    assert torch.equal(learn.xb, expected) and learn.xb.is_contiguous(memory_format=fmt) and 0 < int(flips.sum()) < 16
+    crop.after_fit(), flip.after_fit()
+    learn.xb = xb
+    torch.manual_seed(0)
+    flip.begin_batch()  # outside a fit with the crop it flips on its own
+    torch.manual_seed(0)
+    assert torch.equal(learn.xb, flip.apply(xb, flip.draw(xb)))
+
+
+def test_normalize_gives_the_same_values_for_channels_last_batches():
+    norm = Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    xb = batch(torch.contiguous_format)
+    expected = (xb - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    out = norm(xb.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(norm(xb), expected, rtol=0, atol=0)
 
 
 def bilinear_reference(img, top, left, bh, bw, size):

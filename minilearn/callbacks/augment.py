@@ -64,7 +64,9 @@ class _BatchAugment(Callback):
 class RandomCropPad(_BatchAugment):
     """Pad each image by `pad` pixels (`mode` 'zeros' or 'reflect') and crop it back at a random offset per item.
 
-    It runs after normalization (`Order.AUGMENT`), so zero padding is the dataset mean.
+    It runs after normalization (`Order.AUGMENT`), so zero padding is the dataset mean. With a RandomFlip
+    attached, the flip is done within the crop's gather (the result of flipping the cropped batch, with
+    the same draws in the same order, for one pass over the batch less).
     """
 
     def __init__(self, pad: int = 4, mode: str = 'zeros'):
@@ -73,6 +75,20 @@ class RandomCropPad(_BatchAugment):
         if mode not in ('zeros', 'reflect'):
             raise ValueError(f"RandomCropPad: mode must be 'zeros' or 'reflect', got {mode!r}")
         self.pad, self.mode = pad, mode
+        self.flip: RandomFlip | None = None
+
+    def begin_fit(self) -> None:
+        self.flip = self.run.find_cb(RandomFlip)
+
+    def after_fit(self) -> None:
+        self.flip = None
+
+    def begin_batch(self) -> None:
+        if not self.run.in_train: return
+        xb = self.run.xb
+        params = self.draw(xb)
+        flips = None if self.flip is None else self.flip.draw(xb)
+        self.run.xb = self.apply(xb, params, flips)
 
     def draw(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top, left) offsets in the padded image, each of shape (N,), in [0, 2·pad]."""
@@ -80,39 +96,42 @@ class RandomCropPad(_BatchAugment):
         offsets = torch.randint(0, 2 * self.pad + 1, (2, xb.shape[0]), device=xb.device)
         return offsets[0], offsets[1]
 
-    def apply(self, xb: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def apply(self, xb: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor],
+              flips: torch.Tensor | None = None) -> torch.Tensor:
+        """`xb` cropped at `params`; then flipped horizontally where `flips` (N booleans) is True."""
         _check_images(xb, type(self).__name__)
         top, left = params
         h, w = xb.shape[-2:]
         if self.mode == 'reflect' and self.pad >= min(h, w):
             raise ValueError(f"RandomCropPad: reflect padding needs pad < image size, got pad={self.pad} for "
                              f"{h}x{w} images; use mode='zeros' or a smaller pad")
-        rows = top[:, None] - self.pad + torch.arange(h, device=xb.device)
-        cols = left[:, None] - self.pad + torch.arange(w, device=xb.device)
-        if self.mode == 'reflect':
-            rows, cols = _reflect(rows, h), _reflect(cols, w)
-            return _gather_pixels(xb, rows, cols)
-        inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
-        out = _gather_pixels(xb, rows.clamp(0, h - 1), cols.clamp(0, w - 1))
-        return out * inside.to(out.dtype)
+        padded = F.pad(xb, (self.pad,) * 4, mode='constant' if self.mode == 'zeros' else 'reflect')
+        cols = torch.arange(w, device=xb.device)
+        if flips is not None: cols = torch.where(flips[:, None], cols.flip(0), cols)
+        rows = top[:, None] + torch.arange(h, device=xb.device)
+        return _gather_pixels(padded, rows, left[:, None] + cols)
 
     def __repr__(self) -> str:
         return f'RandomCropPad(pad={self.pad}, mode={self.mode!r})'
 
 
-def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices outside [0, size) mirrored without repeating the edge (torch's 'reflect' padding)."""
-    idx = idx.abs()
-    return (size - 1) - ((size - 1) - idx).abs()
-
-
 class RandomFlip(_BatchAugment):
-    """Flip each image horizontally with probability `p`."""
+    """Flip each image horizontally with probability `p` (within RandomCropPad's gather when one is attached)."""
 
     def __init__(self, p: float = 0.5):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError(f"RandomFlip: p must be a probability in [0, 1], got {p!r}")
         self.p = float(p)
+        self.in_crop = False
+
+    def begin_fit(self) -> None:
+        self.in_crop = self.run.find_cb(RandomCropPad) is not None
+
+    def after_fit(self) -> None:
+        self.in_crop = False
+
+    def begin_batch(self) -> None:
+        if not self.in_crop: super().begin_batch()
 
     def draw(self, xb: torch.Tensor) -> torch.Tensor:
         """A boolean of shape (N,): which items are flipped."""

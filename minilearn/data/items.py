@@ -227,8 +227,8 @@ class SplitData:
         """A DataBunch (train shuffled, valid at 2·bs) with `vocab` and the validation inputs' `item_tfms`.
 
         `cache=True` decodes every item once (`to_tensors`, with `num_workers`) and trains from memory
-        (`DataBunch.from_tensors`, resident on `device` when given; its shuffling seed is drawn from
-        `generator` when given); otherwise DataLoaders read the items every epoch.
+        (`DataBunch.from_tensors`, resident on `device` when given, shuffled with `seed`, or a seed drawn
+        from `generator`); otherwise DataLoaders read the items every epoch.
         """
         self._check_labelled()
         vocab = getattr(self.train.proc_y, 'vocab', None)
@@ -371,15 +371,21 @@ class LabeledData:
         When the input transforms end with `to_float_tensor`, images are kept as uint8 (a quarter of the
         memory; `DataBunch.from_tensors` batches convert them the same way on the device). 4-D images are
         stored channels-last. `num_workers` decoding processes; `progress` None shows the bar in notebooks
-        and terminals only. Every item must have the same shape (resize first: `ResizeFixed`).
+        and terminals only. Every item must have the same shape (resize first: `ResizeFixed`). Items that
+        are tensors already and need no transform are returned without a copy where their layout allows.
         """
         if len(self) == 0: raise ValueError("to_tensors: the labelled data is empty")
         tfms = order_tfms(self.x.tfms)
-        keep_bytes = bool(tfms) and tfms[-1] is to_float_tensor
-        source = _Decoding(self, tfms[:-1] if keep_bytes else tfms)
+        if tfms and tfms[-1] is to_float_tensor: tfms = tfms[:-1]  # keep bytes
+        if (not tfms and isinstance(self.x.items, torch.Tensor) and type(self.x).get is ItemList.get
+                and not self.y.tfms):  # already tensors (CIFAR batches, MNIST): nothing to decode
+            x = self.x.items
+            if x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
+            return x, torch.as_tensor(self.y.items)
+        source = _Decoding(self, tfms)  # tfms already in their running order
         dl = DataLoader(source, batch_size=bs, shuffle=False, num_workers=num_workers, collate_fn=_stack_items)
         if progress is None: progress = IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
-        bar = (NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar)(dl, display=progress, leave=False)
+        bar = (NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar)(dl, leave=False) if progress else dl
         x = y = None
         start = 0
         for xb, yb in bar:
@@ -411,24 +417,25 @@ class LabeledData:
 
 
 class _Decoding:
-    """Labelled data read through `tfms` instead of its own input transforms (picklable, for workers)."""
+    """Labelled data read through `tfms` (in order) instead of its own input transforms (picklable, for workers)."""
 
     def __init__(self, data: LabeledData, tfms: list):
-        self.data, self.tfms = data, tfms
+        self.x, self.tfms = data.x, tfms
+        y = data.y
+        self.y = y.items if not y.tfms and isinstance(y.items, (list, torch.Tensor)) else y  # plain labels: no _get
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:
-        x = self.data.x
-        item = x.get(x.items[i])
-        if self.tfms:
-            try:
-                item = compose(item, self.tfms)
-            except Exception as e:
-                if hasattr(e, 'add_note'): e.add_note(f"while transforming item {i} ({x.items[i]!r})")
-                raise
-        return item, self.data.y[i]
+        raw = self.x.items[i]
+        item = self.x.get(raw)
+        try:
+            for tfm in self.tfms: item = tfm(item)
+        except Exception as e:
+            if hasattr(e, 'add_note'): e.add_note(f"while transforming item {i} ({raw!r})")
+            raise
+        return item, self.y[i]
 
 
 def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,17 +454,18 @@ def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_in: int | None, c_out: int | None,
                       vocab: list | None, item_tfms: list, device: Any, dl_kwargs: dict) -> DataBunch:
-    unknown = set(dl_kwargs) - {'num_workers', 'generator', 'shuffle', 'drop_last', 'progress'}
+    unknown = set(dl_kwargs) - {'num_workers', 'generator', 'seed', 'shuffle', 'drop_last', 'progress'}
     if unknown:
-        raise TypeError(f"to_databunch(cache=True) takes num_workers, generator, drop_last and progress; "
+        raise TypeError(f"to_databunch(cache=True) takes num_workers, seed (or generator), drop_last and progress; "
                         f"{sorted(unknown)} apply to DataLoaders only (cache=False)")
     workers, progress = dl_kwargs.get('num_workers', 0), dl_kwargs.get('progress')
-    generator = dl_kwargs.get('generator')
+    seed, generator = dl_kwargs.get('seed'), dl_kwargs.get('generator')
+    if seed is None and generator is not None: seed = _draw_seed(generator)
     x_train, y_train = train.to_tensors(workers, progress=progress)
     x_valid, y_valid = (None, None) if valid is None else valid.to_tensors(workers, progress=progress)
     return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs, drop_last=dl_kwargs.get('drop_last', False),
                                   device=device, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms,
-                                  seed=None if generator is None else _draw_seed(generator))
+                                  seed=seed)
 
 
 def label_by_func(sd: SplitData, f: Callable[[Any], Any], proc_x: Any = None, proc_y: Any = None) -> SplitData:

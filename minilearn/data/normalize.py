@@ -31,9 +31,14 @@ class Normalize:
         self._cache: dict = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype, x.ndim)
+        channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        key = (x.device, x.dtype, x.ndim) + ((tuple(x.shape[2:]),) if channels_last else ())
         if key not in self._cache:
-            self._cache[key] = (_as_channel_stat(self.mean, x), _as_channel_stat(self.std, x))
+            mean, std = _as_channel_stat(self.mean, x), _as_channel_stat(self.std, x)
+            if channels_last:  # stats over the whole image plane: channels innermost otherwise make a 3-wide loop
+                mean, std = (s.expand(1, -1, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+                             for s in (mean, std))
+            self._cache[key] = (mean, std)
         mean, std = self._cache[key]
         return (x - mean) / std
 
