@@ -17,10 +17,11 @@ the hand-written loop measured in the same round:
   datasets+cl    datasets with ChannelsLast
 
 Then the data path's share of a step: `fast` and `raw` again with the model replaced by a no-op
-(one parameter, logits that ignore the input), divided by the full step. And `--decode`: the
-20,000 training JPEGs of CIFAR-10 decoded once by `LabeledData.to_tensors` against torchvision's
-ImageFolder + DataLoader with the same workers (each run in a fresh process: images/s and peak
-memory over the raw uint8 size).
+(one parameter, logits that ignore the input), divided by the full step; and the same less a no-op
+step that trains on one fixed batch (`raw_no_data`: loss, backward and SGD step without any data path).
+And `--decode`: the 20,000 training JPEGs of CIFAR-10 decoded once by `LabeledData.to_tensors` against
+torchvision's ImageFolder + DataLoader with the same workers (each run in a fresh process: images/s,
+and peak memory while decoding over the raw uint8 size).
 
     python bench/train_throughput.py --threads 1 --clock cpu                 # throughput, bs 128 and 32
     python bench/train_throughput.py --decode --decode-workers 2 --skip-throughput
@@ -50,9 +51,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _common import add_run_options, start_run  # noqa: E402
-from minilearn import (AvgStatsCallback, BatchTransformXCallback, Callback, ChannelsLast, DataBunch, Dataset,  # noqa: E402
-                       DeviceCallback, Learner, MixedPrecision, Normalize, ProgressCallback, RandomCropPad,
-                       RandomFlip, Recorder, accuracy, cifar10_data, get_cnn_model, init_cnn, resnet18_cifar)
+from minilearn import (AvgStatsCallback, BatchTransformXCallback, Callback, ChannelsLast,  # noqa: E402
+                       DataBunch, Dataset, DeviceCallback, Learner, MixedPrecision, Normalize, ProgressCallback,
+                       RandomCropPad, RandomFlip, Recorder, accuracy, cifar10_data, get_cnn_model, init_cnn,
+                       resnet18_cifar)
 
 # The shared copy next to the repository, or next to the folder of worktrees.
 DEFAULT_DATA = next((p / 'shared' / 'data' / 'cifar10' for p in (REPO.parent, REPO.parent.parent)
@@ -101,7 +103,8 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class RawLoop:
     """The careful hand-written loop."""
 
-    def __init__(self, x, y, bs, model, mean, std, device, amp):
+    def __init__(self, x, y, bs, model, mean, std, device, amp, data_path=True):
+        self.data_path = data_path  # False: the first batch every step, nothing gathered or augmented
         self.x, self.y, self.bs, self.model, self.device, self.amp = x.to(device), y.to(device), bs, model, device, amp
         # Stats over the whole channels-last image plane: a (1, 3, 1, 1) broadcast runs a 3-wide inner loop.
         h, w = x.shape[-2:]
@@ -129,10 +132,14 @@ class RawLoop:
         perm = torch.randperm(len(self.x), generator=self.g).to(self.device)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        fixed = None if self.data_path else ((self.x[:bs].float().div_(255) - self.mean) / self.std, self.y[:bs])
         for i in range(0, len(perm), bs):
-            idx = perm[i:i + bs]
-            xb, yb = self.x[idx].float().div_(255), self.y[idx]
-            xb = self.crop_flip((xb - self.mean) / self.std)
+            if fixed is None:
+                idx = perm[i:i + bs]
+                xb, yb = self.x[idx].float().div_(255), self.y[idx]
+                xb = self.crop_flip((xb - self.mean) / self.std)
+            else:
+                xb, yb = fixed
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = model(xb)
             loss = F.cross_entropy(pred.float(), yb)
@@ -165,6 +172,7 @@ def build_variants(names, x, y, bs, args, device, model_factory) -> dict:
     builders = {
         'raw': lambda: RawLoop(x, y, bs, model_factory(), mean, std, device, amp),
         'raw_again': lambda: RawLoop(x, y, bs, model_factory(), mean, std, device, amp),
+        'raw_no_data': lambda: RawLoop(x, y, bs, model_factory(), mean, std, device, amp, data_path=False),
         'fast': lambda: MinilearnLoop(DataBunch.from_tensors(x, y, bs=bs, device=device, seed=0), model_factory(),
                                       mean, std, device, amp),
         'datasets': lambda: MinilearnLoop(DataBunch.from_datasets(Dataset(x.float().div(255), y), None, bs=bs),
@@ -210,15 +218,19 @@ def bench_batch_size(bs: int, x, y, args, device, clock) -> None:
         r = ratio(samples, times['raw']) if 'raw' in times and name != 'raw' else None
         target = TARGETS.get((name, bs)) if device.type == 'cpu' else None
         verdict = '' if target is None or r is None else f"<={target:.2f} {'ok' if r <= target else 'MISS'}"
-        print(f"{name:<14}{med / n_batches * 1e3:>10.2f}{len(x) / med:>10.0f}{f'{r:.3f}x' if r else '':>14}{verdict:>12}")
+        shown = f'{r:.3f}x' if r else ''
+        print(f"{name:<14}{med / n_batches * 1e3:>10.2f}{len(x) / med:>10.0f}{shown:>14}{verdict:>12}")
     if args.no_op and {'raw', 'fast'} <= set(times):
-        no_op = run_rounds(build_variants(['raw', 'fast'], x, y, bs, args, device, lambda: NoOpModel().to(device)),
-                           args, device, clock)
+        no_op = run_rounds(build_variants(['raw', 'fast', 'raw_no_data'], x, y, bs, args, device,
+                                          lambda: NoOpModel().to(device)), args, device, clock)
         print(f'data path share of a step (model replaced by a no-op; target <= 5 % at bs 128 for 32x32):')
         for name in ('raw', 'fast'):
             share = ratio(no_op[name], times[name])
-            print(f"  {name:<12}{statistics.median(no_op[name]) / n_batches * 1e3:>8.2f} ms/batch without the model, "
-                  f"{share:.1%} of the full step")
+            data_only = statistics.median((a - b) / t for a, b, t in
+                                          zip(no_op[name], no_op['raw_no_data'], times[name]))
+            print(f"  {name:<12}{statistics.median(no_op[name]) / n_batches * 1e3:>8.2f} ms/batch without the model: "
+                  f"{share:.1%} of the full step; less the no-op step on one fixed batch (loss, backward, SGD, "
+                  f"{statistics.median(no_op['raw_no_data']) / n_batches * 1e3:.2f} ms): {data_only:.1%}")
     if args.sync_check and device.type == 'cuda': sync_check(x, y, bs, args, device)
 
 

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='label noise: redraw this fraction of the training labels uniformly at random '
                            '(validation labels stay clean; default 0)')
     data.add_argument('--workers', metavar='N', type=_non_negative_int, default=0,
-                      help='DataLoader worker processes (default 0: load in the main process)')
+                      help='processes that decode --data images, once before training (default 0: in the main process)')
     model = train_parser.add_argument_group('model and training')
     model.add_argument('--arch', choices=ARCHS, default='cnn',
                        help=f'cnn: the course CNN (conv layers {list(CNN_WIDTHS)}, batchnorm, GeneralRelu); '
@@ -191,7 +191,8 @@ def _valid_folder(path: Path) -> str | None:
 
 def _build_data(args: argparse.Namespace) -> tuple[Any, dict]:
     """The DataBunch (decoded once, batches gathered from memory) and a description of it for metrics.json."""
-    cache_kwargs = {'cache': True, 'num_workers': args.workers, 'seed': args.seed, 'progress': False if args.quiet else None}
+    cache_kwargs = {'cache': True, 'num_workers': args.workers, 'seed': args.seed,
+                    'progress': False if args.quiet else None}
     if args.data is None:
         from .data.core import DataBunch
         from .data.shapes import shapes_datasets

@@ -1,4 +1,4 @@
-"""The fast data path (issue 15): DataBunch.from_tensors / TensorLoader, decode once, ChannelsLast, batch augmentation."""
+"""The fast data path (issue 15): from_tensors (TensorLoader), decode once, ChannelsLast, batch augmentation."""
 import copy
 
 import pytest
@@ -71,6 +71,17 @@ def test_the_order_of_an_epoch_does_not_depend_on_how_much_of_earlier_epochs_was
     assert torch.equal(torch.cat([y for _, y in full]), torch.cat([y for _, y in partial]))
     partial.set_epoch(0)
     assert torch.equal(torch.cat([y for _, y in partial]), full.order(0))
+
+
+def test_show_batch_leaves_the_training_order_alone():
+    x, y = images(20)
+    data = DataBunch.from_tensors(x, y, bs=4, seed=1)
+    state = data.train_dl.state_dict()
+    first = data.train_dl.one_batch()
+    data.show_batch(n=4)
+    assert data.train_dl.state_dict() == state
+    xb, yb = next(iter(data.train_dl))
+    assert data.train_dl.epoch == 1 and torch.equal(yb, first[1]) and torch.equal(yb, y[data.train_dl.order(0)[:4]])
 
 
 def test_the_default_seed_comes_from_torch_global_generator():
@@ -252,7 +263,8 @@ def test_channels_last_during_the_fit_and_the_model_restored_after():
     cl_model = small_cnn().to(memory_format=torch.channels_last)  # a channels-last model stays channels-last
     learn = Learner(cl_model, DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
     quiet_fit(learn, 1, cbs=[ChannelsLast()])
-    assert not cl_model[0].weight.is_contiguous() and cl_model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    weight = cl_model[0].weight
+    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_channels_last_outputs_equal_nchw():

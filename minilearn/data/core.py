@@ -125,6 +125,14 @@ class TensorLoader:
             self._done = b + 1
             yield xb, y[batch_idx]
 
+    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch of the next epoch, leaving the loader's position as it is (show_batch)."""
+        position = self.epoch, self._skip, self._iter_epoch, self._done
+        try:
+            return next(iter(self))
+        finally:
+            self.epoch, self._skip, self._iter_epoch, self._done = position
+
     def state_dict(self) -> dict:
         """The position between batches: seed, the epoch being read and how many of its batches were yielded."""
         if self._iter_epoch is not None and self._done < len(self):
@@ -249,7 +257,7 @@ class DataBunch:
         """
         dl = self.valid_dl if valid else self.train_dl
         if dl is None: raise ValueError("this DataBunch has no validation loader; use show_batch(valid=False)")
-        xb, yb = next(iter(dl))
+        xb, yb = dl.one_batch() if isinstance(dl, TensorLoader) else next(iter(dl))
         return show_batch(xb, yb, vocab=self.vocab, n=n, norm=norm, **kwargs)
 
     def __repr__(self) -> str:

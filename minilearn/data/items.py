@@ -15,7 +15,6 @@ from __future__ import annotations
 import mimetypes
 import os
 import random
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleProgressBar, NBProgressBar
 from torch.utils.data import DataLoader
 
-from ..core import listify
+from ..core import is_interactive, listify
 from .core import DataBunch, _draw_seed, get_dls
 from .transforms import compose, order_tfms, to_float_tensor
 
@@ -384,7 +383,7 @@ class LabeledData:
             return x, torch.as_tensor(self.y.items)
         source = _Decoding(self, tfms)  # tfms already in their running order
         dl = DataLoader(source, batch_size=bs, shuffle=False, num_workers=num_workers, collate_fn=_stack_items)
-        if progress is None: progress = IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+        if progress is None: progress = is_interactive()
         bar = (NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar)(dl, leave=False) if progress else dl
         x = y = None
         start = 0
@@ -441,10 +440,10 @@ class _Decoding:
 def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*items)
     for name, values in (('input', xs), ('target', ys)):
-        if not all(isinstance(v, (torch.Tensor, int, float)) for v in values):
+        bad = next((v for v in values if not isinstance(v, (torch.Tensor, int, float))), None)
+        if bad is not None:
             raise TypeError(f"to_tensors: every {name} must be a tensor or a number after the transforms, got "
-                            f"{type(next(v for v in values if not isinstance(v, (torch.Tensor, int, float)))).__name__}; "
-                            f"end the input transforms with to_byte_tensor (and to_float_tensor)")
+                            f"{type(bad).__name__}; end the input transforms with to_byte_tensor (and to_float_tensor)")
     shapes = {tuple(torch.as_tensor(v).shape) for v in xs}
     if len(shapes) > 1:
         raise ValueError(f"to_tensors: items of different shapes {sorted(shapes)[:4]}; resize them to one size "
@@ -463,8 +462,8 @@ def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_
     if seed is None and generator is not None: seed = _draw_seed(generator)
     x_train, y_train = train.to_tensors(workers, progress=progress)
     x_valid, y_valid = (None, None) if valid is None else valid.to_tensors(workers, progress=progress)
-    return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs, drop_last=dl_kwargs.get('drop_last', False),
-                                  device=device, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms,
+    return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs,
+                                  drop_last=dl_kwargs.get('drop_last', False), device=device, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms,
                                   seed=seed)
 
 
