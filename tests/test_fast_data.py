@@ -238,6 +238,8 @@ def test_to_tensors_names_items_of_different_shapes(tmp_path):
             Image.new('RGB', (size, size)).save(tmp_path / split / cls / '0.png')
     sd = label_image_folder(tmp_path, tfms=[make_rgb, to_byte_tensor], valid_name='val')
     with pytest.raises(ValueError, match='different shapes.*ResizeFixed'): sd.train.to_tensors(progress=False)
+    with pytest.raises(ValueError, match='different shapes.*ResizeFixed'):  # in different batches
+        sd.train.to_tensors(bs=1, progress=False)
 
 
 # ---- ChannelsLast ---------------------------------------------------------------------------------------

@@ -392,6 +392,7 @@ class LabeledData:
                 fmt = torch.channels_last if xb.ndim == 4 else torch.contiguous_format
                 x = torch.empty((len(self), *xb.shape[1:]), dtype=xb.dtype, memory_format=fmt)
                 y = torch.empty((len(self), *yb.shape[1:]), dtype=yb.dtype)
+            if xb.shape[1:] != x.shape[1:]: _different_shapes({tuple(x.shape[1:]), tuple(xb.shape[1:])})
             x[start:start + len(xb)] = xb
             y[start:start + len(yb)] = yb
             start += len(xb)
@@ -444,11 +445,15 @@ def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         if bad is not None:
             raise TypeError(f"to_tensors: every {name} must be a tensor or a number after the transforms, got "
                             f"{type(bad).__name__}; end the input transforms with to_byte_tensor (and to_float_tensor)")
-    shapes = {tuple(torch.as_tensor(v).shape) for v in xs}
-    if len(shapes) > 1:
-        raise ValueError(f"to_tensors: items of different shapes {sorted(shapes)[:4]}; resize them to one size "
-                         f"in the transforms (ResizeFixed(size)) before decoding into tensors")
-    return torch.stack([torch.as_tensor(v) for v in xs]), torch.as_tensor(ys)
+    xs = [torch.as_tensor(v) for v in xs]
+    shapes = {tuple(v.shape) for v in xs}
+    if len(shapes) > 1: _different_shapes(shapes)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def _different_shapes(shapes: set) -> None:
+    raise ValueError(f"to_tensors: items of different shapes {sorted(shapes)[:4]}; resize them to one size "
+                     f"in the transforms (ResizeFixed(size)) before decoding into tensors")
 
 
 def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_in: int | None, c_out: int | None,
