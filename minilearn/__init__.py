@@ -63,7 +63,8 @@ __all__ = [
     'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
-    'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image',
+    'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'image_extensions', 'get_files', 'ItemList', 'ImageList',
+    'open_image',
     'SplitData', 'split_by_func', 'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor',
     'LabeledData', 'label_by_func', 'parent_labeler', 'label_image_folder', 'Transform', 'MakeRGB', 'make_rgb',
     'ResizeFixed', 'to_byte_tensor', 'to_float_tensor', 'order_tfms', 'compose', 'show_image', 'show_batch',

@@ -468,8 +468,8 @@ def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_
     x_train, y_train = train.to_tensors(workers, progress=progress)
     x_valid, y_valid = (None, None) if valid is None else valid.to_tensors(workers, progress=progress)
     return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs,
-                                  drop_last=dl_kwargs.get('drop_last', False), device=device, c_in=c_in, c_out=c_out, vocab=vocab, item_tfms=item_tfms,
-                                  seed=seed)
+                                  drop_last=dl_kwargs.get('drop_last', False), device=device, c_in=c_in, c_out=c_out,
+                                  vocab=vocab, item_tfms=item_tfms, seed=seed)
 
 
 def label_by_func(sd: SplitData, f: Callable[[Any], Any], proc_x: Any = None, proc_y: Any = None) -> SplitData:
