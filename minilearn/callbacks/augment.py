@@ -1,11 +1,12 @@
 """Batch augmentation on the batch's device: random crop with padding, horizontal flip, random resized crop.
 
-Written here rather than taken from torchvision's v2 transforms because those draw one set of parameters
-per call (per batch) or need a Python loop per item; these draw per item, as tensors on the device, and
-apply one gather per batch. Each callback runs on training batches only (identity in validation and in
-get_preds), draws from torch's generator of the batch's device (saved with the RNG state, so a resume is
-exact), and keeps the batch's memory format (channels-last batches stay channels-last). `draw(xb)` returns
-the random parameters of a batch and `apply(xb, params)` applies them: a test or a notebook can fix them.
+Written here rather than taken from torchvision's v2 transforms because those, given a batch, draw one
+set of parameters for all of it, and per-item parameters need a Python loop over the items. These draw
+per item, as tensors on the device, and apply one operation per batch (a gather, a `torch.where`, or
+a `grid_sample`). Each callback runs on training batches only (identity in validation and in get_preds),
+draws from torch's generator of the batch's device (saved with the RNG state, so a resume is exact), and
+keeps the batch's memory format (channels-last batches stay channels-last). `draw(xb)` returns the random
+parameters of a batch and `apply(xb, params)` applies them: a test or a notebook can fix them.
 """
 from __future__ import annotations
 
