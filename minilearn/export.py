@@ -1,4 +1,4 @@
-"""A pickle-free inference artefact: `export_learner` writes it, `load_learner` reads it back as a `Predictor`.
+"""A pickle-free inference artefact: `export_learner` writes it, `load_predictor` reads it back as a `Predictor`.
 
 The artefact is two files with the same stem: `model.pt2`, a `torch.export` program (the learner's
 batch transforms, such as normalization, followed by the model), and `model.json` with the vocab,
@@ -9,8 +9,10 @@ minilearn's `make_rgb`/`MakeRGB`, `ResizeFixed(size)`, `to_byte_tensor`, `to_flo
 torchvision's (v1 or v2) `Resize`, `CenterCrop`, `Grayscale`, `ToTensor`, `PILToTensor`, `Normalize`.
 With any other item transform the artefact still predicts on model-ready tensors.
 
-A model that `torch.export` cannot trace is saved as a plain dict of tensors (`model.pt`) plus the
-name of its architecture, rebuilt from a small registry on load (see `export_learner`).
+A model that `torch.export` cannot trace is saved as a plain dict of tensors (`model.pt`) plus its
+architecture: the class's import path (`module:qualname`) and its constructor arguments when known. Loading
+rebuilds it only from architectures the caller allows (`load_predictor(path, architectures=[MyNet])`) or
+minilearn's own; a name read from the file is never imported (see `export_learner`).
 
 Loading never unpickles: JSON is parsed, the archive is checked for pickled entries, and `torch.load`
 is held to `weights_only=True` for the duration of the load (`weights_only_loads`).
@@ -20,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import json
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,8 @@ from .data.normalize import Normalize, norm_stats
 from .data.transforms import order_tfms
 from .inference import _first_batch, decode_prediction, inference_callbacks, item_to_tensor
 
-__all__ = ['export_learner', 'load_learner', 'Predictor', 'UnsafeArtifactError', 'weights_only_loads',
-           'ARCHITECTURES']
+__all__ = ['export_learner', 'load_predictor', 'load_learner', 'Predictor', 'UnsafeArtifactError',
+           'weights_only_loads', 'ARCHITECTURES', 'arch_path']
 
 FORMAT, FORMAT_VERSION = 'minilearn-export', 1
 # Builders from minilearn.models that `state_dict` artefacts may name (`torchvision:<name>` works too).
@@ -251,12 +254,30 @@ def _check_arch(arch: str | None, arch_kwargs: Any) -> None:
         raise TypeError(f"arch_kwargs must hold JSON values only (numbers, strings, lists), got {arch_kwargs!r}") from e
 
 
+def arch_path(builder: Any) -> str:
+    """`module:qualname` of a class or function (of the function a `functools.partial` wraps)."""
+    while isinstance(builder, functools.partial): builder = builder.func
+    return f'{builder.__module__}:{builder.__qualname__}'
+
+
+def _known_kwargs(model: nn.Module) -> dict | None:
+    """The constructor arguments of the model when they are known: {} when its class needs none, else None."""
+    try:
+        signature = inspect.signature(type(model))
+    except (TypeError, ValueError):
+        return None
+    needed = [p for p in signature.parameters.values()
+              if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return None if needed else {}
+
+
 def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
     """Write `path` (a `.pt2` torch.export program) and its settings (`.json` beside it); returns the model file.
 
-    A model that torch.export cannot trace is written as a state dict (`.pt`, a plain dict of tensors)
-    when `arch` names how to rebuild it: one of `ARCHITECTURES` (minilearn.models), `torchvision:<name>`,
-    or a name given to `load_learner(..., architectures={name: builder})`, called with `arch_kwargs`.
+    A model that torch.export cannot trace is written, with a warning, as a state dict (`.pt`, a plain
+    dict of tensors) and its architecture: `arch`, else the class's `module:qualname`, with `arch_kwargs`
+    (else {} when the class needs no arguments, else unknown). `arch` may also name one of
+    `ARCHITECTURES` (minilearn.models) or `torchvision:<name>`. See `load_predictor` for the load.
     """
     path = Path(path)
     if path.suffix != '.pt2':
@@ -266,7 +287,10 @@ def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_k
     program = _InferenceProgram(_batch_tfms(learn), model).eval()
     sample = _sample_input(learn)
     exported, dynamic_batch, error = _try_export(program, sample)
-    if exported is None: _check_fallback(learn, model, arch, error)
+    if exported is None:
+        if arch is None: arch = arch_path(type(model))
+        if arch_kwargs is None: arch_kwargs = _known_kwargs(model)
+        _check_fallback(learn, model, arch, arch_kwargs, error)
     settings = _settings(learn, sample)
     path.parent.mkdir(parents=True, exist_ok=True)
     if exported is not None:
@@ -275,24 +299,23 @@ def export_learner(learn: Any, path: str | Path, arch: str | None = None, arch_k
     else:
         path = path.with_suffix('.pt')
         torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, path)
-        settings['model'] = {'kind': 'state_dict', 'file': path.name, 'arch': arch, 'arch_kwargs': arch_kwargs or {}}
+        settings['model'] = {'kind': 'state_dict', 'file': path.name, 'arch': arch, 'arch_kwargs': arch_kwargs}
     path.with_suffix('.json').write_text(json.dumps(settings, indent=1))
     return path
 
 
-def _check_fallback(learn: Any, model: nn.Module, arch: str | None, error: BaseException) -> None:
+def _check_fallback(learn: Any, model: nn.Module, arch: str, arch_kwargs: dict | None, error: BaseException) -> None:
     """Raise when an untraceable model cannot be exported as weights; warn that it will be."""
-    if arch is None:
-        raise ValueError(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}). Export its weights instead by naming "
-                         f"how to rebuild it: minilearn.export.export_learner(learn, path, arch=..., arch_kwargs=...) "
-                         f"with arch one of {list(ARCHITECTURES)}, 'torchvision:<name>', or your own name passed to "
-                         f"load_learner(path, architectures={{name: builder}})") from error
     if len(_batch_tfms(learn)) > (norm_stats(learn) is not None):
         raise ValueError("a state-dict export can only replay normalization as its batch transform; this learner "
                          "has other batch transforms: move those steps into the model") from error
-    warnings.warn(f"torch.export could not trace {type(model).__name__} ({type(error).__name__}); exporting its "
-                  f"state_dict with architecture {arch!r} instead: loading needs that architecture", stacklevel=3)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    kwargs = (f"constructor arguments {arch_kwargs}" if arch_kwargs is not None else
+              "constructor arguments unknown (pass arch_kwargs= to export, or a builder that needs none to load)")
+    name = type(model).__name__
+    warnings.warn(f"torch.export could not trace {name} ({type(error).__name__}: {reason}); exporting its "
+                  f"state_dict with architecture {arch!r} instead, {kwargs}. Loading rebuilds it only from an "
+                  f"architecture you allow: load_predictor(path, architectures=[{name}])", stacklevel=3)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -317,15 +340,30 @@ def _model_file(path: Path, entry: Mapping) -> Path:
     return path.with_name(name)
 
 
-def _architecture(name: str, architectures: Mapping | None) -> Callable:
-    if architectures and name in architectures: return architectures[name]
+def _allowed(architectures: Mapping[str, Callable] | Iterable[Callable] | None) -> dict[str, Callable]:
+    """The caller's allowed architectures by name: a mapping as given, classes or builders by `module:qualname`."""
+    if architectures is None: return {}
+    if isinstance(architectures, Mapping): return dict(architectures)
+    if isinstance(architectures, (str, bytes)) or not all(callable(a) for a in architectures):
+        raise TypeError(f"architectures must be a list of classes (or builders) or a dict of name -> builder, "
+                        f"got {architectures!r}")
+    return {arch_path(a): a for a in architectures}
+
+
+def _architecture(name: str, architectures: Mapping[str, Callable] | Iterable[Callable] | None) -> Callable:
+    allowed = _allowed(architectures)
+    if name in allowed: return allowed[name]
+    if ':' in name and not name.startswith('torchvision:'):  # an import path: never imported unasked
+        raise ValueError(f"this export holds the weights of the architecture {name!r}, which is not in the allowed "
+                         f"list: load_predictor(path, architectures=[{name.rsplit(':', 1)[1].rsplit('.', 1)[-1]}]) "
+                         f"after importing it from {name.split(':', 1)[0]} (an export never imports code by itself)")
     if name.startswith('torchvision:'):
         tv_name = name.split(':', 1)[1]
         if tv_name in torchvision.models.list_models():
             return functools.partial(torchvision.models.get_model, tv_name, weights=None)
     if name in ARCHITECTURES:
         if hasattr(models, name): return getattr(models, name)
-    raise ValueError(f"unknown architecture {name!r}: pass load_learner(path, architectures={{{name!r}: builder}}), "
+    raise ValueError(f"unknown architecture {name!r}: pass load_predictor(path, architectures={{{name!r}: builder}}), "
                      f"or use one of {list(ARCHITECTURES)} or 'torchvision:<name>'")
 
 
@@ -336,11 +374,27 @@ def _load_state_dict_model(path: Path, entry: Mapping, settings: Mapping, archit
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in weights.items()):
         raise ValueError(f"{path} does not hold a plain dict of tensors")
-    model = builder(**dict(entry.get('arch_kwargs') or {}))
+    model = _build(builder, entry.get('arch_kwargs'), str(entry.get('arch')))
     model.load_state_dict(weights)
     normalize = settings.get('normalize')
     if normalize is None: return model.eval()
     return _InferenceProgram([Normalize(normalize['mean'], normalize['std'])], model).eval()
+
+
+def _build(builder: Callable, kwargs: Any, name: str) -> nn.Module:
+    """`builder(**kwargs)`; unknown arguments (None) mean calling it with none, checked first."""
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"the settings give arch_kwargs {kwargs!r} for {name!r}: expected a JSON object")
+    try:
+        inspect.signature(builder).bind(**(kwargs or {}))
+    except TypeError as e:
+        recorded = (f"the recorded arguments {dict(kwargs)}" if kwargs is not None else
+                    "no arguments (the export did not know them)")
+        raise ValueError(f"cannot build {name!r} with {recorded}: {e}. Pass a builder that does, e.g. "
+                         f"architectures={{{name!r}: functools.partial(cls, ...)}}") from None
+    except ValueError:  # no signature to check (a builtin): just call it
+        pass
+    return builder(**(kwargs or {}))
 
 
 def _load_program(path: Path) -> Callable:
@@ -361,7 +415,8 @@ class Predictor:
         self.item_tfms = None if described is None or self.unsupported_tfms else [_rebuild_tfm(d) for d in described]
 
     @classmethod
-    def load(cls, path: str | Path, architectures: Mapping[str, Callable] | None = None) -> Predictor:
+    def load(cls, path: str | Path,
+             architectures: Mapping[str, Callable] | Iterable[Callable] | None = None) -> Predictor:
         """Read an export (the `.pt2`, `.pt` or `.json` path); `architectures` rebuilds state-dict exports."""
         path = Path(path)
         settings = _read_settings(path)
@@ -408,6 +463,15 @@ class Predictor:
         return f'Predictor(input_shape={list(self.input_shape)}, classes={n}, model={self.settings["model"]["kind"]})'
 
 
-def load_learner(path: str | Path, architectures: Mapping[str, Callable] | None = None) -> Predictor:
-    """A `Predictor` from an export (safe for untrusted files: no unpickling); see `Predictor.load`."""
+def load_predictor(path: str | Path,
+                   architectures: Mapping[str, Callable] | Iterable[Callable] | None = None) -> Predictor:
+    """A `Predictor` from an export (safe for untrusted files: nothing is unpickled or imported).
+
+    A state-dict export (a model torch.export could not trace) is rebuilt only from `architectures`, the
+    ones you allow: classes or builders (`[MyNet]`, matched by `module:qualname`) or `{name: builder}`,
+    besides minilearn's `ARCHITECTURES` and `torchvision:<name>`.
+    """
     return Predictor.load(path, architectures=architectures)
+
+
+load_learner = load_predictor  # fastai's name for it; what comes back is a Predictor, not a Learner

@@ -402,9 +402,9 @@ class Learner:
         """Per-layer output shapes and parameter counts, optimizer, loss and callbacks."""
         return summary(self)
 
-    def export(self, path: str | Path) -> Path:
-        """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings)."""
-        return export_learner(self, path)
+    def export(self, path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
+        """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings); see `export_learner`."""
+        return export_learner(self, path, arch=arch, arch_kwargs=arch_kwargs)
 
     def distrib_ctx(self, **kwargs: Any):
         """Context manager: train with DistributedCallback (torchrun) for the duration of the block."""

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from minilearn.export import (Predictor, UnsafeArtifactError, _describe_tfm, _rebuild_tfm, export_learner,
-                              load_learner, weights_only_loads)
+                              load_learner, load_predictor, weights_only_loads)
 from test_inference import IMAGE_STATS, colour_learner
 
 
@@ -226,11 +226,94 @@ def test_export_needs_a_pt2_path(exported, tmp_path):
         export_learner(learn, tmp_path / 'model.pkl')
 
 
-def test_untraceable_model_without_arch_gives_a_clear_error(tmp_path):
-    learn = colour_learner(tmp_path / 'data', model=Branchy())
-    with pytest.raises(ValueError, match="could not trace Branchy.*arch="):
-        learn.export(tmp_path / 'out' / 'model.pt2')
-    assert not (tmp_path / 'out').exists()
+class BranchyN(Branchy):
+    """Untraceable, and its constructor needs an argument."""
+
+    def __init__(self, n_out):
+        super().__init__()
+        self.body[-1] = nn.Linear(3, n_out)
+
+
+# What a pickle of a plain dict of tensors references (torch.load(weights_only=True) accepts no more).
+TENSOR_PICKLE_GLOBALS = {'torch._utils _rebuild_tensor_v2', 'torch FloatStorage', 'torch LongStorage',
+                         'collections OrderedDict'}
+
+
+def pickle_globals(path):
+    """The classes and functions the pickle inside a torch.save zip file names."""
+    import pickletools
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith('data.pkl')))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ('SHORT_BINUNICODE', 'BINUNICODE', 'UNICODE'): strings.append(arg)
+        if op.name == 'GLOBAL': found.add(arg)
+        if op.name == 'STACK_GLOBAL': found.add(f'{strings[-2]} {strings[-1]}')
+    return found
+
+
+def test_untraceable_model_falls_back_to_weights_and_its_import_path(tmp_path):
+    learn = colour_learner(tmp_path / 'data', model=trained_like(Branchy()))
+    with pytest.warns(UserWarning, match=r"could not trace Branchy .*state_dict with architecture "
+                                         r"'test_export:Branchy' instead, constructor arguments \{\}") as record:
+        path = learn.export(tmp_path / 'out' / 'model.pt2')
+    assert 'architectures=[Branchy]' in str(record[0].message)
+    assert path == tmp_path / 'out' / 'model.pt' and not (tmp_path / 'out' / 'model.pt2').exists()
+    weights = torch.load(path, weights_only=True)  # no pickled objects: a plain dict of tensors
+    assert weights.keys() == learn.model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in learn.model.state_dict().items())
+    assert pickle_globals(path) <= TENSOR_PICKLE_GLOBALS
+    settings = json.loads(path.with_suffix('.json').read_text())
+    assert settings['model'] == {'kind': 'state_dict', 'file': 'model.pt', 'arch': 'test_export:Branchy',
+                                 'arch_kwargs': {}}
+    with pytest.raises(ValueError, match=r"'test_export:Branchy', which is not in the allowed list: "
+                                         r"load_predictor\(path, architectures=\[Branchy\]\)"):
+        load_predictor(path)
+    with pytest.raises(ValueError, match='not in the allowed list'):
+        load_predictor(path, architectures=[TinyNet])
+    predictor = load_predictor(path, architectures=[TinyNet, Branchy])
+    for f in valid_files(tmp_path):
+        torch.testing.assert_close(predictor.predict(f)[2], learn.predict(f)[2], rtol=0, atol=1e-6)
+
+
+def test_loading_never_imports_the_architecture_named_in_the_file(tmp_path, monkeypatch):
+    learn = colour_learner(tmp_path / 'data', model=trained_like(Branchy()))
+    with pytest.warns(UserWarning, match='state_dict'):
+        path = learn.export(tmp_path / 'model.pt2')
+    (tmp_path / 'planted.py').write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n"
+                                         "from test_export import Branchy as Net\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = json.loads(path.with_suffix('.json').read_text())
+    settings['model']['arch'] = 'planted:Net'
+    path.with_suffix('.json').write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="'planted:Net', which is not in the allowed list"):
+        load_predictor(path)
+    assert 'planted' not in sys.modules and not (tmp_path / 'ran').exists()
+    with pytest.raises(TypeError, match='list of classes'):
+        load_predictor(path, architectures='planted:Net')
+
+
+def test_fallback_with_constructor_arguments(tmp_path):
+    from functools import partial
+    learn = colour_learner(tmp_path / 'data', model=trained_like(BranchyN(3)))
+    with pytest.warns(UserWarning, match='constructor arguments unknown'):
+        unknown = export_learner(learn, tmp_path / 'a' / 'model.pt2')
+    assert json.loads(unknown.with_suffix('.json').read_text())['model']['arch_kwargs'] is None
+    with pytest.raises(ValueError, match=r"cannot build 'test_export:BranchyN' with no arguments .*n_out"):
+        load_predictor(unknown, architectures=[BranchyN])
+    f = valid_files(tmp_path)[0]
+    rebuilt = load_predictor(unknown, architectures={'test_export:BranchyN': partial(BranchyN, 3)})
+    torch.testing.assert_close(rebuilt.predict(f)[2], learn.predict(f)[2], rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"constructor arguments \{'n_out': 3\}"):
+        known = learn.export(tmp_path / 'b' / 'model.pt2', arch_kwargs={'n_out': 3})
+    torch.testing.assert_close(load_predictor(known, architectures=[BranchyN]).predict(f)[2], learn.predict(f)[2],
+                               rtol=0, atol=1e-6)
+
+
+def test_load_learner_is_the_fastai_name_of_load_predictor():
+    import minilearn
+    assert minilearn.load_learner is minilearn.load_predictor is load_predictor is load_learner
+    assert {'load_predictor', 'load_learner', 'Predictor'} <= set(minilearn.__all__)
 
 
 def test_untraceable_model_falls_back_to_state_dict_and_named_architecture(tmp_path):
