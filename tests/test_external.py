@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import socket
 import struct
 import tarfile
 import urllib.error
@@ -159,6 +160,28 @@ def test_offline_gives_one_clear_error(tmp_path):
     with pytest.raises(DownloadError, match='HTTP Error 404: Not Found'):
         untar_data('https://example.com/gone.tgz', dest=target, opener=not_found)
     assert _tree(target) == set()
+
+
+def test_course_datasets_namespace_offline_gives_one_message_saying_where_to_put_the_data(tmp_path, monkeypatch):
+    namespace = {}
+    exec('from minilearn import *', namespace)
+    datasets = namespace['datasets']
+    data_dir = tmp_path / 'data'
+    monkeypatch.setenv('MINILEARN_DATA', str(data_dir))
+
+    def no_network(*args, **kwargs): raise socket.gaierror(-3, 'Temporary failure in name resolution')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_network)
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    with pytest.raises(DownloadError) as info:
+        datasets.untar_data(datasets.URLs.IMAGENETTE_160)
+    message = str(info.value)
+    assert message.startswith(f'could not download {URLs.IMAGENETTE_160} (') and 'name resolution' in message
+    assert f"save it as {data_dir / 'imagenette2-160.tgz'}" in message
+    assert f"put the extracted folder at {data_dir / 'imagenette2-160'}" in message and '$MINILEARN_DATA' in message
+    assert '\n' not in message and info.value.__suppress_context__ and info.value.__cause__ is None
+    assert _tree(data_dir) == set()  # no partial file left behind
+    (data_dir / 'imagenette2-160' / 'train').mkdir(parents=True)  # where the message said: used, still offline
+    assert datasets.untar_data(datasets.URLs.IMAGENETTE_160) == data_dir / 'imagenette2-160'
 
 
 def test_incomplete_transfer_is_an_error(tmp_path):

@@ -326,7 +326,13 @@ def untar_data(url: str, dest: str | Path | None = None, md5: str | None = None,
     md5, size = md5 or known_md5, size if size is not None else known_size
     archive = dest / archive_name
     if force_download or not archive.is_file() or not _is_intact(archive, url, md5, size):
-        download_url(url, archive, md5=md5, size=size, progress=progress, opener=opener, timeout=timeout)
+        try:
+            download_url(url, archive, md5=md5, size=size, progress=progress, opener=opener, timeout=timeout)
+        except ChecksumError:
+            raise
+        except DownloadError as e:  # offline: also say where an extracted copy goes
+            raise DownloadError(f"{e} (or put the extracted folder at {folder}; datasets live in ${DATA_ENV}, "
+                                f"else ~/.minilearn/data)") from None
     return extract_archive(archive, folder)
 
 
