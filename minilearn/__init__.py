@@ -1,45 +1,15 @@
-"""minilearn: a small, fast, fastai-style callback training framework for PyTorch."""
-from functools import partial
+"""minilearn: a small, fast, fastai-style callback training framework for PyTorch.
 
-from .callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
-from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
-from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
-from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
-from .callbacks.hooks import ActivationStats, Hook, Hooks
-from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
-from .callbacks.loggers import CSVLogger, TensorBoardCallback
-from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
-                                format_time, precision_score, recall_score, top_k_accuracy)
-from .callbacks.precision import Compile, GradientAccumulation, GradientClipping, MixedPrecision
-from .callbacks.progress import ProgressCallback
-from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
-from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_scheds, cos_1cycle_anneal, create_phases,
-                                 fit_one_cycle, lr_find, sched_cos, sched_exp, sched_lin, sched_no)
-from .callbacks.transforms import BatchTransformXCallback, view_tfm
-from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
-from .core import camel2snake, listify, to_device
-from .data.core import DataBunch, Dataset, TensorLoader, get_dls
-from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
-                            cifar10_databunch, default_data_dir, download_url, mnist_data, mnist_databunch,
-                            read_cifar10, read_idx, read_mnist, untar_data)
-from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Processor, SplitData, get_files,
-                         grandparent_splitter, image_extensions, label_by_func, label_image_folder, open_image,
-                         parent_labeler, random_splitter, split_by_func)
-from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, order_tfms, show_batch,
-                              show_image, to_byte_tensor, to_float_tensor)
-from .serialization import CheckpointError, atomic_write, safe_load
-from .data.shapes import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
-from .export import Predictor, UnsafeArtifactError, export_learner, load_learner
-from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
-from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
-                     SoftTargetCrossEntropy, lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
-from .noisy import LabelIssues, NoisyLabels, add_label_noise, find_label_issues, inject_label_noise
-from .models import (GeneralRelu, Lambda, adapt_model, conv_layer, flatten, get_cnn_layers, get_cnn_model, init_cnn,
-                     resnet18_cifar, resnet34_cifar)
-from . import datasets
-from .callback import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Order,
-                       TrainEvalCallback)
-from .learner import Learner, param_getter
+The public names below are imported on first use (PEP 562), all at once from `minilearn._api`, so
+that `minilearn --help`, `--version` and a mistyped option are answered without importing torch.
+`from minilearn import *` and `minilearn.Learner` work as with eager imports.
+"""
+import importlib
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # static tools see the whole API
+    from ._api import *  # noqa: F401,F403
 
 __version__ = '0.1.0'
 
@@ -83,8 +53,24 @@ __all__ = [
     'safe_load', 'atomic_write',
     # after training
     'get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
-    'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_learner',
-    'Predictor', 'UnsafeArtifactError',
+    'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_predictor',
+    'load_learner', 'Predictor', 'UnsafeArtifactError',
     # helpers
     'listify', 'camel2snake', 'to_device', 'partial', 'datasets',
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of minilearn, importing the API on first use."""
+    if not name.startswith('_'):
+        api = importlib.import_module(f'{__name__}._api')
+        # Re-entered while `_api` is still importing (its `from . import datasets`): let the import system go on.
+        if getattr(api, '_loaded', False):
+            namespace = globals()
+            namespace.update((public, getattr(api, public)) for public in __all__)
+            if name in namespace: return namespace[name]  # a public name, or a submodule the API imported
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,24 +1,33 @@
-"""Command-line interface: `minilearn train` trains a CNN and writes plots, a checkpoint and `metrics.json`."""
+"""Command-line interface: `minilearn train` trains a CNN and writes plots, a checkpoint and `metrics.json`.
+
+torch is imported only once the command line has been parsed and checked, so that `--help`, `--version`
+and a mistyped option are answered at once (importing torch and torchvision takes seconds).
+"""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from . import __version__
 
-__all__ = ['main', 'build_parser', 'build_learner', 'train']
+if TYPE_CHECKING:
+    import torch
 
-# The default run (shapes, 10,000 training and 2,500 validation images, 8 epochs at a constant lr) needs
-# about 35 s of one CPU core and reaches about 78 % validation accuracy: well above chance (10 %), not solved.
+__all__ = ['main', 'build_parser', 'build_learner', 'train', 'write_status', 'STATUSES']
+
+# The default run (shapes, 10,000 training and 2,500 validation images, 8 epochs of one-cycle) needs about
+# 20 s of one CPU core; see the README for the accuracy it reaches: well above chance (10 %), not solved.
 DEFAULT_N_PER_CLASS = 1000
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 0.02
@@ -26,6 +35,11 @@ DEFAULT_BS = 64
 CNN_WIDTHS = (16, 32, 64, 64)
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
 ARCHS = ('cnn', 'resnet18')
+SCHEDULES = ('one-cycle', 'constant')
+# metrics.json's "status": written "running" before training, then one of the others. "running" in a folder
+# nobody trains into any more means the process was killed before it could say so.
+STATUSES = ('running', 'interrupted', 'failed', 'complete')
+METRICS_FILE = 'metrics.json'
 
 
 class UsageError(ValueError):
@@ -85,6 +99,7 @@ def _smoothing(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The `minilearn` argument parser, with its `train` sub-command."""
     parser = _Parser(prog='minilearn', description='minilearn: a small fastai-style training framework for PyTorch.')
+    parser.add_argument('--version', action='version', version=f'minilearn {__version__}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     train_parser = commands.add_parser(
         'train', help='train a CNN and write plots, a checkpoint and metrics.json',
@@ -116,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--bs', metavar='N', type=_positive_int, default=DEFAULT_BS,
                        help=f'batch size (default {DEFAULT_BS}; validation uses twice as much)')
     model.add_argument('--lr', metavar='LR', type=_positive_number, default=DEFAULT_LR,
-                       help=f'learning rate of SGD with momentum 0.9 and weight decay 5e-4; the peak with '
-                            f'--one-cycle (default {DEFAULT_LR})')
-    model.add_argument('--one-cycle', action='store_true',
-                       help='train with the one-cycle schedule (learn.fit_one_cycle) instead of a constant lr')
+                       help=f'learning rate of SGD with weight decay 5e-4: the peak of the one-cycle schedule, or '
+                            f'the constant one (default {DEFAULT_LR})')
+    model.add_argument('--schedule', choices=SCHEDULES, default='one-cycle',
+                       help='one-cycle: learn.fit_one_cycle, the lr warms up from LR/25 to LR over the first 30%% '
+                            'of the batches then anneals to almost 0, momentum 0.95 -> 0.85 -> 0.95, so the last '
+                            'epoch is a settled one; constant: LR and momentum 0.9 throughout (default one-cycle)')
+    model.add_argument('--one-cycle', dest='schedule', action='store_const', const='one-cycle',
+                       help='same as --schedule one-cycle (the default)')
     reg = train_parser.add_argument_group('regularization')
     reg.add_argument('--mixup', metavar='ALPHA', type=_positive_number, default=None,
                      help='MixUp with Beta(ALPHA, ALPHA) mixing weights, one per sample (e.g. 0.4)')
@@ -145,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- checks that need more than one option, or the file system -------------------------------------
+# ---- checks that need more than one option, or the file system (no torch needed) --------------------
+_DEVICE_NAME = re.compile(r'[a-z][a-z0-9_]*(:[0-9]+)?')  # the form of a torch device name; torch checks the rest
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.mixup_batch and args.mixup is None:
         raise UsageError("--mixup-batch needs --mixup ALPHA (it chooses one mixing weight per batch)")
@@ -154,11 +176,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.data is not None:
         if not args.data.exists(): raise UsageError(f"--data {args.data}: no such folder")
         if not args.data.is_dir(): raise UsageError(f"--data {args.data}: not a folder")
+        _data_format(args.data)
+    if not _DEVICE_NAME.fullmatch(args.device):
+        raise UsageError(f"--device {args.device!r}: not a device name (try cpu, cuda, cuda:0, mps or auto)")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
 
 
 def _device(name: str) -> torch.device:
+    import torch
     if name == 'auto':
         from .callbacks.device import default_device
         return default_device()
@@ -240,7 +266,9 @@ def _build_model(args: argparse.Namespace, data: Any) -> torch.nn.Module:
 
 def _build_loss(args: argparse.Namespace) -> Any:
     loss = args.loss or ('ls' if args.label_smoothing is not None else 'ce')
-    if loss == 'ce': return torch.nn.CrossEntropyLoss()
+    if loss == 'ce':
+        import torch
+        return torch.nn.CrossEntropyLoss()
     from .losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
     if loss == 'ls': return LabelSmoothingCrossEntropy(0.1 if args.label_smoothing is None else args.label_smoothing)
     return SoftBootstrappingLoss() if loss == 'soft-boot' else HardBootstrappingLoss()
@@ -273,27 +301,50 @@ def _finite(value: Any) -> Any:
 
 def _versions() -> dict:
     import numpy
-    from . import __version__
+    import torch
     return {'minilearn': __version__, 'torch': torch.__version__, 'numpy': numpy.__version__,
             'python': platform.python_version(), 'platform': platform.platform()}
 
 
-def _write_outputs(learn: Any, out: Path, report: dict) -> dict:
+def write_status(out: Path, status: str, report: dict, error: BaseException | None = None) -> dict:
+    """Write `report` with its `status` (one of STATUSES) as `out/metrics.json`, atomically; returns the report."""
+    if status not in STATUSES: raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    from .serialization import atomic_write
+    report['status'] = status
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    report.setdefault('started', now)
+    if status == 'running': report.pop('finished', None)
+    else: report['finished'] = now
+    if error is not None: report['error'] = _one_line(error)
+    text = json.dumps(_finite({'status': status, **report}), indent=2) + '\n'
+    atomic_write(out / METRICS_FILE, lambda f: f.write(text.encode()))
+    return report
+
+
+def _stopped_status(exc: BaseException) -> str:
+    return 'interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed'
+
+
+def _write_outputs(learn: Any, out: Path, report: dict) -> None:
+    """Plots and the checkpoint; each file is named in `report['files']` once it is written."""
     import matplotlib
     if 'matplotlib.pyplot' not in sys.modules: matplotlib.use('Agg')  # files only: no window needed
     import matplotlib.pyplot as plt
 
-    from .serialization import atomic_write
-    files = {'loss_plot': 'loss.png', 'lr_plot': 'lr.png', 'checkpoint': 'model.pth', 'metrics': 'metrics.json'}
-    for key, plot in (('loss_plot', learn.recorder.plot_loss), ('lr_plot', learn.recorder.plot_lr)):
+    from .checks import is_class_index_loss
+    from .inference import ClassificationInterpretation
+    plots = {'loss_plot': ('loss.png', learn.recorder.plot_loss), 'lr_plot': ('lr.png', learn.recorder.plot_lr)}
+    if is_class_index_loss(learn.loss_func) and learn.data.valid_dl is not None:
+        interp = ClassificationInterpretation.from_learner(learn)
+        report['confusion_matrix'] = interp.confusion_matrix().tolist()  # rows: actual class, columns: predicted
+        plots['confusion_plot'] = ('confusion.png', interp.plot_confusion_matrix)
+    for key, (name, plot) in plots.items():
         fig = plot()
-        fig.savefig(out / files[key], dpi=100, bbox_inches='tight')
+        fig.savefig(out / name, dpi=100, bbox_inches='tight')
         plt.close(fig)
-    learn.save(out / files['checkpoint'])
-    report['files'] = files
-    text = json.dumps(_finite(report), indent=2) + '\n'
-    atomic_write(out / files['metrics'], lambda f: f.write(text.encode()))
-    return report
+        report['files'][key] = name
+    learn.save(out / 'model.pth')
+    report['files']['checkpoint'] = 'model.pth'
 
 
 def _args_record(args: argparse.Namespace) -> dict:
@@ -303,6 +354,8 @@ def _args_record(args: argparse.Namespace) -> dict:
 # ---- the job -----------------------------------------------------------------------------------
 def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
     """The Learner for parsed `train` arguments, and the start of the run's report (for metrics.json)."""
+    import torch
+
     from .core import do_nothing
     from .learner import Learner
     _check_args(args)
@@ -338,6 +391,7 @@ def train(args: argparse.Namespace) -> dict:
 
 @contextmanager
 def _cpu_threads(n_threads: int) -> Iterator[None]:
+    import torch
     previous = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
@@ -347,17 +401,27 @@ def _cpu_threads(n_threads: int) -> Iterator[None]:
 
 
 def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
+    report.update(epochs=args.epochs, history=[], files={'metrics': METRICS_FILE})
+    write_status(args.out, 'running', report)  # from now on the folder says whose files it holds
     start = time.time()
-    if args.one_cycle: learn.fit_one_cycle(args.epochs)
-    else: learn.fit(args.epochs)
-    report['time_s']['fit'] = time.time() - start
-    history = learn.avg_stats.history
-    final = {k: v for k, v in history[-1].items() if k not in ('epoch', 'time')}
-    lrs = learn.recorder.lrs[-1]
-    report.update(final=final, accuracy=final.get('valid_accuracy'), chance_accuracy=1 / learn.data.c_out,
-                  epochs=args.epochs, history=history, lr={'first': lrs[0], 'max': max(lrs), 'last': lrs[-1]})
-    _write_outputs(learn, args.out, report)
-    return report
+    try:
+        if args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs)
+        else: learn.fit(args.epochs)
+        report['time_s']['fit'] = time.time() - start
+        history = learn.avg_stats.history
+        final = {k: v for k, v in history[-1].items() if k not in ('epoch', 'time')}
+        lrs = learn.recorder.lrs[-1]
+        report.update(final=final, accuracy=final.get('valid_accuracy'), chance_accuracy=1 / learn.data.c_out,
+                      history=history, lr={'first': lrs[0], 'max': max(lrs), 'last': lrs[-1]})
+        _write_outputs(learn, args.out, report)
+    except BaseException as e:  # the epochs that finished, and why the run stopped
+        report['time_s'].setdefault('fit', time.time() - start)
+        report['history'] = list(learn.avg_stats.history)
+        status = _stopped_status(e)
+        write_status(args.out, status, report, error=e if status == 'failed' else None)
+        raise
+    report['files'] = {**{k: v for k, v in report['files'].items() if k != 'metrics'}, 'metrics': METRICS_FILE}
+    return write_status(args.out, 'complete', report)
 
 
 def _summary(report: dict, out: Path) -> str:
@@ -374,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown: args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    except SystemExit as e:  # --help (0) or a bad option (2), already reported by argparse
+    except SystemExit as e:  # --help/--version (0) or a bad option (2), already reported by argparse
         return e.code if isinstance(e.code, int) else 2
+    prog = f'{parser.prog} {args.command}'
+    try:
+        _check_args(args)  # before torch is imported: a mistake on the command line is answered at once
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     with _cpu_threads(args.threads):
-        return _train_command(args, f'{parser.prog} {args.command}')
+        return _train_command(args, prog)
 
 
 def _train_command(args: argparse.Namespace, prog: str) -> int:

@@ -18,7 +18,7 @@ from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to
 
 TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
 OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--workers', '--arch', '--epochs', '--bs', '--lr',
-           '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
+           '--schedule', '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
            '--quiet', '--threads']
 
 
@@ -36,9 +36,12 @@ def test_default_job_writes_plots_checkpoint_and_metrics(tmp_path, capsys):
     printed = capsys.readouterr()
     assert 'valid_accuracy' in printed.out  # the per-epoch table (plain rows: stdout is not a terminal)
     assert 'minilearn train: valid accuracy' in printed.out and 'Traceback' not in printed.err
-    for name in ('loss.png', 'lr.png'):
+    for name in ('loss.png', 'lr.png', 'confusion.png'):
         assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     metrics = _metrics(out)
+    assert metrics['status'] == 'complete' and metrics['started'] <= metrics['finished']
+    assert metrics['files'] == {'loss_plot': 'loss.png', 'lr_plot': 'lr.png', 'confusion_plot': 'confusion.png',
+                                'checkpoint': 'model.pth', 'metrics': 'metrics.json'}
     assert len(metrics['history']) == 2 and [row['epoch'] for row in metrics['history']] == [0, 1]
     final = metrics['history'][-1]
     assert metrics['accuracy'] == final['valid_accuracy'] == metrics['final']['valid_accuracy']
@@ -49,7 +52,13 @@ def test_default_job_writes_plots_checkpoint_and_metrics(tmp_path, capsys):
                                'vocab': list(SHAPE_NAMES[:10])}
     assert metrics['args']['epochs'] == 2 and metrics['args']['out'] == str(out)
     assert metrics['versions']['torch'] == torch.__version__ and metrics['device'] == 'cpu'
-    assert metrics['lr']['first'] == metrics['lr']['last'] == cli.DEFAULT_LR  # constant lr without --one-cycle
+    lr = metrics['lr']  # one-cycle by default: warm up from lr/25 to lr, anneal to almost 0
+    assert lr['first'] == pytest.approx(cli.DEFAULT_LR / 25) and 0.9 * cli.DEFAULT_LR < lr['max'] <= cli.DEFAULT_LR
+    assert lr['last'] < lr['max'] / 10 and metrics['args']['schedule'] == 'one-cycle'
+    # the confusion matrix counts every validation image once; its diagonal is the accuracy AvgStats reported
+    cm = torch.tensor(metrics['confusion_matrix'])
+    assert cm.shape == (10, 10) and cm.sum(1).tolist() == [10] * 10
+    assert cm.trace().item() / 100 == pytest.approx(metrics['accuracy'], abs=1e-6)
     assert metrics['time_s']['fit'] > 0
     # the checkpoint holds the trained model, loadable safely into the same architecture
     from minilearn.serialization import safe_load
@@ -58,6 +67,12 @@ def test_default_job_writes_plots_checkpoint_and_metrics(tmp_path, capsys):
     learn.model.load_state_dict(checkpoint['model'])
     assert sum(p.numel() for p in learn.model.parameters()) == metrics['model']['n_params']
     assert checkpoint['n_iter'] == 2 * math.ceil(200 / cli.DEFAULT_BS)
+
+
+def test_constant_schedule(tmp_path):
+    assert main(['train', *TINY, '--quiet', '--schedule', 'constant', '--out', str(tmp_path)]) == 0
+    lr = _metrics(tmp_path)['lr']
+    assert lr['first'] == lr['max'] == lr['last'] == cli.DEFAULT_LR
 
 
 def test_same_seed_same_run(tmp_path):
@@ -227,3 +242,111 @@ def test_python_dash_m_help():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('usage: minilearn train') and '--mixup-batch' in result.stdout
+
+
+def test_version(capsys):
+    from minilearn import __version__
+    assert main(['--version']) == 0
+    assert capsys.readouterr().out == f'minilearn {__version__}\n'
+
+
+# Which heavy modules a command loaded: --help, --version and command-line mistakes need none of them.
+FAST_CHILD = r"""
+import json, sys
+from minilearn.cli import main
+code = main(json.loads(sys.argv[1]))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy', 'matplotlib'))
+print(json.dumps({'code': code, 'heavy': heavy}))
+"""
+
+
+@pytest.mark.parametrize('argv, code', [
+    (['--help'], 0), (['--version'], 0), (['train', '--help'], 0), ([], 2), (['train', '--bogus'], 2),
+    (['train', '--epochs', '0'], 2), (['train', '--mixup-batch'], 2), (['train', '--data', '/nonexistent/x'], 2),
+    (['train', '--device', 'cuda 0'], 2), (['trian'], 2),
+])
+def test_help_version_and_mistakes_do_not_import_torch(argv, code):
+    result = subprocess.run([sys.executable, '-c', FAST_CHILD, json.dumps(argv)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {'code': code, 'heavy': []}, result.stderr
+    if code == 2: assert result.stderr.count('\n') == 1 and 'error: ' in result.stderr
+
+
+def test_the_minilearn_package_imports_torch_only_when_a_name_is_used():
+    child = ("import sys, minilearn; assert 'torch' not in sys.modules; minilearn.Learner; "
+             "assert 'torch' in sys.modules and minilearn.Learner.__module__ == 'minilearn.learner'")
+    result = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+class _StopAt:
+    """Replaces Learner.fit: runs the real fit, raising `exc` at the first batch of epoch `epoch`."""
+
+    def __init__(self, exc, epoch, out):
+        from minilearn.learner import Learner
+        self.exc, self.epoch, self.out, self.fit, self.seen = exc, epoch, out, Learner.fit, []
+
+    def __call__(self, learn, epochs, cbs=None, **kwargs):
+        from minilearn.callback import Callback
+        test = self
+
+        class Stop(Callback):
+            def begin_batch(self):
+                if self.epoch == test.epoch and self.in_train: raise test.exc
+
+        self.seen.append(_metrics(self.out))  # what the folder said while the run was training
+        return self.fit(learn, epochs, cbs=[*(cbs or []), Stop()], **kwargs)
+
+    def install(self, monkeypatch):
+        from minilearn.learner import Learner
+        monkeypatch.setattr(Learner, 'fit', lambda learn, *args, **kwargs: self(learn, *args, **kwargs))
+        return self
+
+
+def _old_run(out):
+    """An earlier complete run's files in `out`."""
+    out.mkdir()
+    (out / 'loss.png').write_bytes(b'old')
+    (out / 'metrics.json').write_text(json.dumps({'status': 'complete', 'accuracy': 0.99}))
+
+
+def test_interrupted_run_says_so_in_metrics(tmp_path, capsys, monkeypatch):
+    fresh, old = tmp_path / 'fresh', tmp_path / 'old'
+    _old_run(old)
+    for out in (fresh, old):
+        stop = _StopAt(KeyboardInterrupt(), 1, out).install(monkeypatch)
+        assert main(['train', '--epochs', '3', '--n-per-class', '12', '--bs', '32', '--quiet',
+                     '--out', str(out)]) == 130
+        assert capsys.readouterr().err.strip() == 'minilearn train: interrupted'
+        running = stop.seen[0]
+        assert running['status'] == 'running' and running['history'] == [] and 'finished' not in running
+        assert running['args']['epochs'] == 3 and running['files'] == {'metrics': 'metrics.json'}
+        metrics = _metrics(out)
+        assert metrics['status'] == 'interrupted' and 'error' not in metrics and 'accuracy' not in metrics
+        assert [row['epoch'] for row in metrics['history']] == [0]  # the epoch that finished
+        assert metrics['files'] == {'metrics': 'metrics.json'}  # no file here is from this run but metrics.json
+        assert metrics['started'] <= metrics['finished'] and metrics['time_s']['fit'] > 0
+        monkeypatch.undo()  # the real Learner.fit again
+    assert sorted(p.name for p in fresh.iterdir()) == ['metrics.json']
+    assert (old / 'loss.png').read_bytes() == b'old'  # left alone, and metrics.json does not claim it
+
+
+def test_failed_run_says_so_in_metrics(tmp_path, monkeypatch):
+    _StopAt(RuntimeError('out of luck'), 0, tmp_path).install(monkeypatch)
+    with pytest.raises(RuntimeError, match='out of luck'):  # unexpected errors keep their traceback
+        main(['train', *TINY, '--quiet', '--out', str(tmp_path)])
+    metrics = _metrics(tmp_path)
+    assert metrics['status'] == 'failed' and metrics['error'].startswith('out of luck')
+    assert metrics['error'].endswith('(RuntimeError)')
+    assert metrics['history'] == []
+
+
+def test_write_status_checks_the_status(tmp_path):
+    with pytest.raises(ValueError, match="status must be one of .*'complete'"):
+        cli.write_status(tmp_path, 'done', {})
+    assert not (tmp_path / 'metrics.json').exists()
+    report = cli.write_status(tmp_path, 'running', {'epochs': 2})
+    assert json.loads((tmp_path / 'metrics.json').read_text()) == {'status': 'running', 'epochs': 2,
+                                                                 'started': report['started']}
