@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 __all__ = ['main', 'build_parser', 'build_learner', 'train', 'write_status', 'STATUSES']
 
-# The default run (shapes, 10,000 training and 2,500 validation images, 8 epochs of one-cycle) needs about
-# 20 s of one CPU core; see the README for the accuracy it reaches: well above chance (10 %), not solved.
+# The default run (shapes, 10,000 training and 2,500 validation images, 8 epochs of one-cycle up to lr 0.1)
+# needs about 20 s of one CPU core and reaches 88.6 % validation accuracy (87.3-89.6 % over seeds 0-2; a
+# constant lr 0.02 gave 70.6-76.5 %, its last epoch at the mercy of noise): well above chance (10 %), not solved.
 DEFAULT_N_PER_CLASS = 1000
 DEFAULT_EPOCHS = 8
-DEFAULT_LR = 0.02
+DEFAULT_LR = 0.1
 DEFAULT_BS = 64
 CNN_WIDTHS = (16, 32, 64, 64)
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help='processes that decode --data images, once before training (default 0: in the main process)')
     model = train_parser.add_argument_group('model and training')
     model.add_argument('--arch', choices=ARCHS, default='cnn',
-                       help=f'cnn: the course CNN (conv layers {list(CNN_WIDTHS)}, batchnorm, GeneralRelu); '
+                       help=f'cnn: a small course CNN (get_cnn_model, conv widths {list(CNN_WIDTHS)}, 62 k '
+                            f'parameters); '
                             f'resnet18: ResNet-18 for 32x32 inputs (slow on a CPU) (default cnn)')
     model.add_argument('--epochs', metavar='N', type=_positive_int, default=DEFAULT_EPOCHS,
                        help=f'number of epochs (default {DEFAULT_EPOCHS})')
@@ -420,7 +422,7 @@ def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
         status = _stopped_status(e)
         write_status(args.out, status, report, error=e if status == 'failed' else None)
         raise
-    report['files'] = {**{k: v for k, v in report['files'].items() if k != 'metrics'}, 'metrics': METRICS_FILE}
+    report['files']['metrics'] = report['files'].pop('metrics')  # listed last, as it is written last
     return write_status(args.out, 'complete', report)
 
 
@@ -452,11 +454,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_command(args: argparse.Namespace, prog: str) -> int:
     try:
-        learn_and_report = build_learner(args)
-    except (ValueError, TypeError, OSError, KeyError) as e:  # setup problems are the user's to fix: one line
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    try:
+        try:
+            learn_and_report = build_learner(args)
+        except (ValueError, TypeError, OSError, KeyError) as e:  # setup problems are the user's to fix: one line
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
         report = _fit_and_write(args, *learn_and_report)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -333,6 +333,14 @@ def test_interrupted_run_says_so_in_metrics(tmp_path, capsys, monkeypatch):
     assert (old / 'loss.png').read_bytes() == b'old'  # left alone, and metrics.json does not claim it
 
 
+def test_interrupt_during_setup_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs): raise KeyboardInterrupt
+    monkeypatch.setattr(cli, '_build_data', interrupted)
+    assert main(['train', '--quiet', '--out', str(tmp_path / 'out')]) == 130
+    assert capsys.readouterr().err.strip() == 'minilearn train: interrupted'
+    assert not (tmp_path / 'out').exists()
+
+
 def test_failed_run_says_so_in_metrics(tmp_path, monkeypatch):
     _StopAt(RuntimeError('out of luck'), 0, tmp_path).install(monkeypatch)
     with pytest.raises(RuntimeError, match='out of luck'):  # unexpected errors keep their traceback
