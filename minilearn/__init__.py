@@ -5,6 +5,7 @@ that `minilearn --help`, `--version` and a mistyped option are answered without 
 `from minilearn import *` and `minilearn.Learner` work as with eager imports.
 """
 import importlib
+import importlib.util
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +62,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """A public name of minilearn, importing the API on first use."""
+    """One of minilearn's modules, or a public name (importing the whole API on first use)."""
     if not name.startswith('_'):
-        api = importlib.import_module(f'{__name__}._api')
-        # Re-entered while `_api` is still importing (its `from . import datasets`): let the import system go on.
-        if getattr(api, '_loaded', False):
-            namespace = globals()
-            namespace.update((public, getattr(api, public)) for public in __all__)
-            if name in namespace: return namespace[name]  # a public name, or a submodule the API imported
+        if importlib.util.find_spec(f'{__name__}.{name}') is not None:  # a module (`from . import models`): just it
+            return importlib.import_module(f'{__name__}.{name}')
+        if name in __all__:
+            api = importlib.import_module(f'{__name__}._api')
+            if getattr(api, '_loaded', False):  # False: asked for while `_api` itself is importing
+                globals().update((public, getattr(api, public)) for public in __all__)
+                return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -274,13 +274,6 @@ def test_help_version_and_mistakes_do_not_import_torch(argv, code):
     if code == 2: assert result.stderr.count('\n') == 1 and 'error: ' in result.stderr
 
 
-def test_the_minilearn_package_imports_torch_only_when_a_name_is_used():
-    child = ("import sys, minilearn; assert 'torch' not in sys.modules; minilearn.Learner; "
-             "assert 'torch' in sys.modules and minilearn.Learner.__module__ == 'minilearn.learner'")
-    result = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-
-
 class _StopAt:
     """Replaces Learner.fit: runs the real fit, raising `exc` at the first batch of epoch `epoch`."""
 
