@@ -1,6 +1,7 @@
 """The public API, imported on first use of a name of `minilearn` (see `minilearn/__init__.py`)."""
 from functools import partial
 
+from .callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
 from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader

@@ -62,3 +62,9 @@ def test_modules_and_names_resolve_and_unknown_names_fail():
         assert "has no attribute 'no_such_name'" in str(e)
     else:
         raise AssertionError('an unknown name resolved')
+
+
+def test_every_public_name_is_imported_by_the_api_module():
+    from minilearn import _api
+    missing = sorted(set(minilearn.__all__) - set(vars(_api)))
+    assert missing == [], f"names in minilearn.__all__ that minilearn/_api.py does not import: {missing}"
