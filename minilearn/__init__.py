@@ -7,10 +7,7 @@ that `minilearn --help`, `--version` and a mistyped option are answered without 
 import importlib
 import importlib.util
 from functools import partial
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # static tools see the whole API
-    from ._api import *  # noqa: F401,F403
+from typing import Any
 
 __version__ = '0.1.0'
 
