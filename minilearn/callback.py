@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'CancelTrainException', 'CancelEpochException',
-           'CancelBatchException', 'CANCELS', 'Order']
+           'CancelBatchException', 'CANCELS', 'Order', 'resuming', 'resumes_epoch']
 
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
@@ -58,6 +58,7 @@ class Order:
     TRACKER = 50             # after AvgStatsCallback has written the epoch's row in after_epoch
     EARLY_STOPPING = 55
     SAVE_MODEL = 60          # after EarlyStopping, so the saved file holds its updated state
+    CHECKPOINT = 70          # resume checkpoints: after every callback has updated its state for the batch/epoch
     MIX = 90                 # MixUp and CutMix mix the finished batch: after device, normalization, augmentation
 
 
@@ -122,15 +123,28 @@ def has_state(cb: Callback) -> bool:
     return getattr(type(cb), 'state_dict', None) is not Callback.state_dict and callable(getattr(cb, 'state_dict', None))
 
 
+def resuming(run: Learner) -> bool:
+    """Whether the current fit continues an earlier one (`start_epoch` > 0, or a start inside an epoch)."""
+    return run.start_epoch > 0 or getattr(run, 'start_iter', 0) > 0
+
+
+def resumes_epoch(run: Learner) -> bool:
+    """Whether the current training pass continues an epoch begun before (the first epoch of a mid-epoch resume)."""
+    return getattr(run, 'start_iter', 0) > 0 and run.epoch == run.start_epoch and run.dl is run.data.train_dl
+
+
 class TrainEvalCallback(Callback):
     """Always present: switches train/eval mode and keeps the progress counters `n_epochs`, `n_iter`."""
 
     def begin_fit(self) -> None:
-        self.run.n_epochs = float(self.run.start_epoch)
-        self.run.n_iter = self.run.start_epoch * len(self.run.data.train_dl)
+        n_batches = len(self.run.data.train_dl)
+        # The same expressions after_batch computes, so a resumed run's schedules see the same floats.
+        self.run.n_epochs = self.run.start_epoch + self.run.start_iter / n_batches
+        self.run.n_iter = self.run.start_epoch * n_batches + self.run.start_iter
 
     def begin_epoch(self) -> None:
-        self.run.n_epochs = float(self.run.epoch)
+        if resumes_epoch(self.run): self.run.n_epochs = self.run.epoch + self.run.start_iter / len(self.run.dl)
+        else: self.run.n_epochs = float(self.run.epoch)
         self.run.model.train()
         self.run.in_train = True
 

@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,9 @@ DEFAULT_LR = 0.1
 DEFAULT_BS = 64
 CNN_WIDTHS = (16, 32, 64, 64)
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
+CHECKPOINT = 'checkpoint.pth'  # in --out, with --checkpoint-every
+RUN_OPTIONS = 'run.json'  # the options of a checkpointed run, for --resume
+RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet')  # options that do not change what is computed
 ARCHS = ('cnn', 'resnet18')
 SCHEDULES = ('one-cycle', 'constant')
 # metrics.json's "status": written "running" before training, then one of the others. "running" in a folder
@@ -162,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--out', metavar='DIR', type=Path, default=Path('out'),
                      help='output folder for loss.png, lr.png, model.pth and metrics.json (default out/)')
     run.add_argument('--quiet', action='store_true', help='no progress bars and no epoch table, only the summary')
+    run.add_argument('--checkpoint-every', metavar='N', type=_positive_int, default=None,
+                     help=f'write --out/{CHECKPOINT} every N training batches and at the end of every epoch; on '
+                          f'SIGTERM (or SIGINT without a terminal) finish the batch, write it and exit with 143 '
+                          f'(130); continue with --resume DIR')
+    run.add_argument('--resume', metavar='DIR', type=Path, default=None,
+                     help=f'continue the run interrupted in DIR from DIR/{CHECKPOINT}, with the options saved in '
+                          f'DIR/{RUN_OPTIONS}; it ends with the metrics and weights of a run never interrupted. '
+                          f'Only {", ".join("--" + o.replace("_", "-") for o in RESUME_MAY_CHANGE)} may be given too')
     train_parser.set_defaults(subparser=train_parser)  # so that unknown options are reported by `minilearn train`
     return parser
 
@@ -171,6 +183,10 @@ _DEVICE_NAME = re.compile(r'[a-z][a-z0-9_]*(:[0-9]+)?')  # the form of a torch d
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.checkpoint_every is not None and args.out.exists() and (args.out / CHECKPOINT).is_file() \
+            and args.resume is None:
+        raise UsageError(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume "
+                         f"{args.out}, or delete {args.out / CHECKPOINT} (or choose another --out) to start anew")
     if args.mixup_batch and args.mixup is None:
         raise UsageError("--mixup-batch needs --mixup ALPHA (it chooses one mixing weight per batch)")
     if args.label_smoothing is not None and args.loss not in (None, 'ls'):
@@ -289,6 +305,9 @@ def _build_callbacks(args: argparse.Namespace, data: Any, device: torch.device) 
     if args.mixup is not None:
         from .callbacks.mixup import MixUp
         cbs.append(MixUp(args.mixup, per_sample=not args.mixup_batch))
+    if args.checkpoint_every is not None:
+        from .callbacks.checkpoint import CheckpointCallback
+        cbs.append(CheckpointCallback(args.out / CHECKPOINT, every_n_batches=args.checkpoint_every))
     return cbs
 
 
@@ -353,6 +372,44 @@ def _args_record(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ('command', 'subparser')}
 
 
+# ---- resume ----------------------------------------------------------------------------------------
+_PATH_OPTIONS = ('data', 'out')
+
+
+def _write_run_options(args: argparse.Namespace) -> None:
+    from .serialization import atomic_write
+    text = json.dumps({k: v for k, v in _args_record(args).items() if k != 'resume'}, indent=2) + '\n'
+    atomic_write(args.out / RUN_OPTIONS, lambda f: f.write(text.encode()))
+
+
+def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options of the run interrupted in `args.resume`, with the few that may change taken from `args`."""
+    folder = args.resume
+    if not (folder / CHECKPOINT).is_file():
+        raise UsageError(f"--resume {folder}: no {CHECKPOINT} there (it is written by a run with --checkpoint-every N)")
+    try:
+        saved = json.loads((folder / RUN_OPTIONS).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {folder}: cannot read {RUN_OPTIONS}, the run's options ({_one_line(e)})") from None
+    changed = [k for k, v in vars(args).items() if k in saved and k not in RESUME_MAY_CHANGE + ('out',)
+               and v != parser.get_default(k) and _args_record(argparse.Namespace(**{k: v}))[k] != saved[k]]
+    if changed:
+        names = ', '.join('--' + k.replace('_', '-') for k in changed)
+        raise UsageError(f"--resume {folder} continues that run with its own options; {names} differ(s) from "
+                         f"them: leave {names} out, or start a new run with another --out")
+    from .serialization import CheckpointError, safe_load
+    try:
+        done = safe_load(folder / CHECKPOINT).get('epoch', 0)
+    except CheckpointError as e:
+        raise UsageError(f"--resume {folder}: {e}") from None
+    if done >= saved.get('epochs', 0):
+        raise UsageError(f"--resume {folder}: that run is complete ({done} epochs); its outputs are in {folder}")
+    merged = {k: (Path(v) if k in _PATH_OPTIONS and v is not None else v) for k, v in saved.items()}
+    merged.update({k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != parser.get_default(k)})
+    merged.update(out=folder, resume=folder)
+    return argparse.Namespace(**{**vars(args), **merged})
+
+
 # ---- the job -----------------------------------------------------------------------------------
 def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
     """The Learner for parsed `train` arguments, and the start of the run's report (for metrics.json)."""
@@ -373,6 +430,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Any, dict]:
                     cbs=_build_callbacks(args, data, device))
     if args.quiet: learn.logger = do_nothing
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint_every is not None and args.resume is None: _write_run_options(args)
     data_info.update(n_train=len(data.train_ds), n_valid=len(data.valid_ds) if data.valid_dl is not None else 0,
                      n_classes=data.c_out, vocab=[str(v) for v in data.vocab] if data.vocab else None)
     return learn, _start_report(args, data_info, noise, device, model, time.time() - start)
@@ -406,9 +464,11 @@ def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
     report.update(epochs=args.epochs, history=[], files={'metrics': METRICS_FILE})
     write_status(args.out, 'running', report)  # from now on the folder says whose files it holds
     start = time.time()
+    resume = None if args.resume is None else args.out / CHECKPOINT
     try:
-        if args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs)
-        else: learn.fit(args.epochs)
+        if args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs, resume=resume)
+        else: learn.fit(args.epochs, resume=resume)
+        if resume is not None: report['resumed_from'] = {'epoch': learn.start_epoch, 'batch': learn.start_iter}
         report['time_s']['fit'] = time.time() - start
         history = learn.avg_stats.history
         final = {k: v for k, v in history[-1].items() if k not in ('epoch', 'time')}
@@ -422,6 +482,8 @@ def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
         status = _stopped_status(e)
         write_status(args.out, status, report, error=e if status == 'failed' else None)
         raise
+    if args.checkpoint_every is not None:  # the run is complete: nothing left to resume
+        for name in (CHECKPOINT, RUN_OPTIONS): (args.out / name).unlink(missing_ok=True)
     report['files']['metrics'] = report['files'].pop('metrics')  # listed last, as it is written last
     return write_status(args.out, 'complete', report)
 
@@ -455,14 +517,21 @@ def main(argv: list[str] | None = None) -> int:
 def _train_command(args: argparse.Namespace, prog: str) -> int:
     try:
         try:
+            if args.resume is not None: args = resumed_args(args, args.subparser)
             learn_and_report = build_learner(args)
         except (ValueError, TypeError, OSError, KeyError) as e:  # setup problems are the user's to fix: one line
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2
         report = _fit_and_write(args, *learn_and_report)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from .callbacks.checkpoint import TrainingInterrupted
+        if not isinstance(e, TrainingInterrupted):
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        saved = (f"checkpoint in {e.checkpoint}; continue with: minilearn train --resume {args.out}"
+                 if e.checkpoint is not None else "no checkpoint was written")
+        print(f"{prog}: stopped by {signal.Signals(e.signum).name}; {saved}", file=sys.stderr)
+        return e.exit_code
     print(_summary(report, args.out), flush=True)
     return 0
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
-                       TrainEvalCallback, callback_name)
+                       TrainEvalCallback, callback_name, resumes_epoch)
 from .callbacks.distributed import distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
@@ -18,7 +18,7 @@ from .checks import check_batch, check_dataset_targets
 from .core import check_positive, listify
 from .export import export_learner
 from .inference import get_preds, predict, show_results, summary, tta
-from .serialization import load_learner_state, save_learner
+from .serialization import load_for_resume, load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -100,7 +100,7 @@ class Learner:
         self.opt, self.logger, self.grad_scaler = None, print, None
         self.in_train, self.dl = False, None
         self.xb = self.yb = self.pred = self.loss = None
-        self.epoch = self.epochs = self.start_epoch = self.iter = self.iters = self.n_iter = 0
+        self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
         self.n_epochs = 0.
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
@@ -215,15 +215,22 @@ class Learner:
             groups = [{'params': list(g)} for g in groups]  # a splitter returning several groups
         self.opt = self.opt_func(groups, lr=self.lr)
 
-    def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0) -> None:
-        """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming)."""
+    def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0,
+            resume: str | Path | None = None) -> None:
+        """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming).
+
+        `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s) to load first and continue from
+        where it was written, inside an epoch included; the run then ends as the uninterrupted one would.
+        """
         self._check_fit_args(epochs, start_epoch)
         cbs = listify(cbs)
-        added = []
+        added, self.start_iter = [], 0
         try:
             for cb in cbs:
                 self.add_cb(cb)
                 added.append(cb)
+            if resume is not None:
+                start_epoch, self.start_iter = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
         except Exception:
             self.remove_cbs(added)
             raise
@@ -292,9 +299,9 @@ class Learner:
             self('after_cancel_epoch')
 
     def all_batches(self) -> None:
-        """Run every batch of `self.dl`."""
+        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside)."""
         self.iters = len(self.dl)
-        for i, batch in enumerate(self.dl):
+        for i, batch in enumerate(self.dl, self.start_iter if resumes_epoch(self) else 0):
             self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod

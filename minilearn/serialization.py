@@ -1,10 +1,13 @@
 """Checkpoints for exact resume: atomic writes, and loads that never run code from the file.
 
 A checkpoint (`learn.save`) is a dict of plain tensors and containers: `model` (state dict), `opt` (optimizer
-state, None with `with_opt=False`) and `opt_class`, `epoch` (completed epochs: resume with
-`fit(epochs, start_epoch=epoch)`), `n_epochs`, `n_iter`, `callbacks` ({name: state} of every callback with a
-`state_dict`) and `rng` (torch, CUDA, numpy and python generator states). `learn.load` restores all of it,
-the global random generators included, so that the resumed run draws what the uninterrupted one would have.
+state, None with `with_opt=False`) and `opt_class`, `epoch` and `iter` (the position: `iter` batches of epoch
+`epoch` done; at an epoch's end `iter` is 0 and `epoch` the number of completed epochs, which resumes with
+`fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`, `callbacks`
+({name: state} of every callback with a `state_dict`), `loader` (the training loader's position, when it has
+a `state_dict`: the resumable loader protocol) and `rng` (torch, CUDA, numpy and python generator states).
+`learn.load` restores all of it, the global random generators included, so that the resumed run draws what
+the uninterrupted one would have; `fit(epochs, resume=path)` loads it and continues from its position.
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ from .callback import has_state
 from .core import is_main_process, unwrap_partial
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
-           'get_rng_states', 'set_rng_states']
+           'load_for_resume', 'training_position', 'has_position', 'get_rng_states', 'set_rng_states']
 
 _FORMAT = 'minilearn-checkpoint'
-_VERSION = 1
+_VERSION = 1  # `iter`, `epochs` and `loader` were added without a new version: older files lack them (iter 0)
 _MAX_LISTED = 10
 
 
@@ -191,17 +194,34 @@ def _stateful_callbacks(learn: Any) -> dict[str, Any]:
     return {cb.name: cb for cb in learn.cbs if has_state(cb)}
 
 
+def has_position(dl: Any) -> bool:
+    """Whether a loader follows the resumable loader protocol (`state_dict`/`load_state_dict` of its position)."""
+    return callable(getattr(dl, 'state_dict', None)) and callable(getattr(dl, 'load_state_dict', None))
+
+
+def training_position(learn: Any) -> tuple[int, int]:
+    """(epoch, batches of it done) a checkpoint written now resumes from: inside the training pass after a
+    batch, else the number of completed epochs and 0."""
+    if learn.in_train and learn.dl is learn.data.train_dl and 0 < learn.iter + 1 < learn.iters:
+        return int(learn.epoch), int(learn.iter) + 1
+    return int(learn.n_epochs), 0
+
+
 def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:
-    """Write model, optimizer, counters, callback and RNG states atomically (rank 0 only); returns the path."""
+    """Write model, optimizer, position, callback, loader and RNG states atomically (rank 0 only); returns the path."""
     path = checkpoint_path(learn, path)
     if not is_main_process(): return path
     opt = learn.opt if with_opt else None
+    epoch, it = training_position(learn)
+    dl = learn.data.train_dl
     state = {'format': _FORMAT, 'version': _VERSION,
              'model': _bare_model(learn.model).state_dict(),
              'opt': None if opt is None else opt.state_dict(),
              'opt_class': None if opt is None else type(opt).__name__,
-             'epoch': int(learn.n_epochs), 'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
+             'epoch': epoch, 'iter': it, 'epochs': int(learn.epochs),
+             'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
              'callbacks': {name: cb.state_dict() for name, cb in _stateful_callbacks(learn).items()},
+             'loader': dl.state_dict() if has_position(dl) else None,
              'rng': get_rng_states()}
     return atomic_write(path, lambda f: torch.save(state, f))
 
@@ -244,7 +264,7 @@ def _optimizer_to_load(learn: Any, ckpt: dict, with_opt: bool, path: Path) -> di
     if not with_opt: return None
     if ckpt.get('opt') is None:
         warnings.warn(f"checkpoint {str(path)!r} holds no optimizer state (saved with with_opt=False); "
-                      f"the optimizer is left as it is", stacklevel=4)
+                      f"the optimizer is left as it is", stacklevel=5)
         return None
     opt_class = type(learn.opt).__name__ if learn.opt is not None else _class_name(learn.opt_func)
     if opt_class is not None and opt_class != ckpt['opt_class']:
@@ -266,23 +286,86 @@ def _rng_to_restore(ckpt: dict, path: Path) -> list[Callable[[], None]]:
         raise CheckpointError(f"checkpoint {str(path)!r} has malformed random-generator states ({e!r})") from e
 
 
+def _loader_to_load(learn: Any, ckpt: dict, path: Path) -> dict | None:
+    state, it, dl = ckpt.get('loader'), int(ckpt.get('iter', 0)), learn.data.train_dl
+    if it and not has_position(dl):
+        raise CheckpointError(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({it} batches done), "
+                              f"but this training loader ({type(dl).__name__}) cannot start at a batch: it has no "
+                              f"load_state_dict. Build the data with DataBunch.from_datasets or get_dls "
+                              f"(a ResumableLoader), or DataBunch.from_tensors")
+    if state is None or not has_position(dl): return None
+    try:
+        _check_loader_state(dl, state)
+    except (KeyError, ValueError, TypeError) as e:
+        if it: raise CheckpointError(f"checkpoint {str(path)!r} does not fit this training loader: {e}") from e
+        warnings.warn(f"checkpoint {str(path)!r}: the training loader's position is not restored ({e})", stacklevel=5)
+        return None
+    return state
+
+
+def _check_loader_state(dl: Any, state: dict) -> None:
+    # Loads `state` and puts the loader's own back: the loader's checks run, nothing changes.
+    previous = dl.state_dict()
+    dl.load_state_dict(state)
+    dl.load_state_dict(previous)
+
+
+def _check_resume_args(ckpt: dict, path: Path, epochs: int, start_epoch: int, reset_opt: bool) -> tuple[int, int]:
+    if start_epoch:
+        raise ValueError(f"fit(resume=...) continues from the checkpoint's own position; leave start_epoch out "
+                         f"(got start_epoch={start_epoch})")
+    if reset_opt: raise ValueError("fit(resume=...) restores the optimizer from the checkpoint; leave reset_opt out")
+    epoch, it = int(ckpt.get('epoch', 0)), int(ckpt.get('iter', 0))
+    if epoch >= epochs:
+        raise ValueError(f"checkpoint {str(path)!r} was written after {epoch} completed epochs: fit({epochs}) has "
+                         f"nothing left to train; give the total number of epochs of the run (more than {epoch})")
+    written_for = ckpt.get('epochs')
+    if written_for and written_for != epochs:
+        warnings.warn(f"checkpoint {str(path)!r} was written by a fit of {written_for} epochs, resumed with "
+                      f"{epochs}: schedules (one-cycle...) follow the new length, so the run differs from the "
+                      f"original", stacklevel=5)
+    return epoch, it
+
+
+def load_for_resume(learn: Any, path: str | Path, epochs: int, start_epoch: int = 0,
+                    reset_opt: bool = False) -> tuple[int, int]:
+    """Load a checkpoint for `learn.fit(epochs, resume=path)`; returns (epoch to start, batches of it done)."""
+    path = checkpoint_path(learn, path)
+    ckpt = safe_load(path)
+    _check_format(ckpt, path)
+    position = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
+    _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True)
+    return position
+
+
 def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
     """Restore a checkpoint written by `save_learner`; everything is checked first, so on error nothing changed."""
     path = checkpoint_path(learn, path)
     ckpt = safe_load(path)
     _check_format(ckpt, path)
+    if ckpt.get('iter'):
+        warnings.warn(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({ckpt['iter']} batches "
+                      f"done): continue it with learn.fit(epochs, resume=path), which starts at that batch",
+                      stacklevel=3)
+    _load_checkpoint(learn, ckpt, path, with_opt=with_opt, strict=strict)
+
+
+def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict: bool) -> None:
     model = _bare_model(learn.model)
     _check_model_state(model, ckpt['model'], strict, path)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
     rng_setters = _rng_to_restore(ckpt, path)
+    loader_state = _loader_to_load(learn, ckpt, path)
     stateful = _stateful_callbacks(learn)
     cb_states = {}
     for name, state in ckpt.get('callbacks', {}).items():
         if name in stateful: cb_states[name] = state
         else: warnings.warn(f"checkpoint {str(path)!r} holds state for a callback {name!r} this learner does not "
-                            f"have; skipped", stacklevel=3)
+                            f"have; skipped", stacklevel=4)
     _apply(learn, opt_state, {stateful[n]: s for n, s in cb_states.items()})
-    # Checked above, so these cannot fail: shapes and keys match, the RNG states are converted.
+    # Checked above, so these cannot fail: shapes and keys match, the RNG states are converted, the loader
+    # accepted its state.
+    if loader_state is not None: learn.data.train_dl.load_state_dict(loader_state)
     model.load_state_dict(ckpt['model'], strict=strict)
     learn.n_epochs, learn.n_iter = float(ckpt.get('n_epochs', 0.)), int(ckpt.get('n_iter', 0))
     for setter in rng_setters: setter()

@@ -1,16 +1,27 @@
-"""Checkpoint callbacks: keep the best (or every) model, stop early, stop on a non-finite loss."""
+"""Checkpoint callbacks: keep the best (or every) model, keep a checkpoint to resume from (and stop cleanly
+on SIGTERM), stop early, stop on a non-finite loss."""
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ..callback import Callback, CancelTrainException, Order
+from ..callback import Callback, CancelTrainException, Order, resuming
+from ..serialization import checkpoint_path, has_position
 from .metrics import AvgStatsCallback
+from .precision import GradientAccumulation
+from .progress import IN_NOTEBOOK
 
-__all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback']
+__all__ = ['TrackerCallback', 'SaveModelCallback', 'CheckpointCallback', 'TrainingInterrupted',
+           'EarlyStoppingCallback', 'TerminateOnNaNCallback']
 
 
 class TrackerCallback(Callback):
@@ -44,7 +55,7 @@ class TrackerCallback(Callback):
 
     def begin_fit(self) -> None:
         self._check_monitor()
-        if self.run.start_epoch == 0: self.best = math.inf if self.mode == 'min' else -math.inf
+        if not resuming(self.run): self.best = math.inf if self.mode == 'min' else -math.inf
 
     def _current(self) -> float:
         row = self.stats.history[-1]
@@ -106,7 +117,7 @@ class EarlyStoppingCallback(TrackerCallback):
 
     def begin_fit(self) -> None:
         super().begin_fit()
-        if self.run.start_epoch == 0: self.wait, self.best_epoch = 0, None
+        if not resuming(self.run): self.wait, self.best_epoch = 0, None
 
     def after_epoch(self) -> None:
         value = self._current()
@@ -194,3 +205,143 @@ class TerminateOnNaNCallback(Callback):
         warnings.warn(f"TerminateOnNaN: non-finite loss at epoch {epoch}, {'training' if in_train else 'validation'} "
                       f"batch {batch}; training stopped", stacklevel=2)
         raise CancelTrainException()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal: `signum`, and `checkpoint`, the file it continues from (None if none was written).
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles it; `exit_code` is the shell's 128 + signal number
+    (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+def _interactive() -> bool:
+    # Someone who can press Ctrl-C wants it to stop at once; a scheduler's SIGINT is a request to stop cleanly.
+    return IN_NOTEBOOK or bool(getattr(sys.stdin, 'isatty', lambda: False)())
+
+
+def _default_signals() -> list[int]:
+    return [signal.SIGTERM] + ([] if _interactive() else [signal.SIGINT])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CheckpointCallback(Callback):
+    """Keep one checkpoint to resume a run from exactly: every `every_n_batches` training batches (inside the
+    epoch) and at the end of every epoch, written atomically to `fname` (a bare name means
+    `<learn.path>/<learn.model_dir>/<fname>.pth`). Continue with `learn.fit(epochs, resume=path)`.
+
+    While fitting, on one of `signals` (default: SIGTERM, and SIGINT when no one is at a terminal or
+    notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
+    learner and raises `TrainingInterrupted`; during validation or the last batch of a training pass it
+    stops at the end of the epoch instead. A second signal raises at once (an unfinished write leaves the
+    previous checkpoint intact). Handlers are only installed from the main thread and are restored after
+    the fit. With GradientAccumulation, checkpoints wait for the next optimizer step. Under DDP every rank
+    keeps its place (rank 0 writes) and the ranks agree on stopping at the next checkpoint batch or epoch end.
+    """
+    _order = Order.CHECKPOINT
+    run_during_lr_find = False
+
+    def __init__(self, fname: str | Path = 'checkpoint', every_n_batches: int | None = None, every_epoch: bool = True,
+                 signals: Sequence[int] | None | str = 'default'):
+        if every_n_batches is not None and (isinstance(every_n_batches, bool) or not isinstance(every_n_batches, int)
+                                            or every_n_batches < 1):
+            raise ValueError(f"every_n_batches must be a positive int (training batches between checkpoints) or None, "
+                             f"got {every_n_batches!r}")
+        if isinstance(signals, str) and signals != 'default':
+            raise ValueError(f"signals must be 'default', None or a list of signal numbers, got {signals!r}")
+        self.fname, self.every_n_batches, self.every_epoch, self.signals = fname, every_n_batches, every_epoch, signals
+        self.path: Path | None = None
+        self.written: Path | None = None  # the last checkpoint this callback completed
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ---- fit ----------------------------------------------------------------------------------------
+    def begin_fit(self) -> None:
+        self.path = checkpoint_path(self.run, self.fname)
+        if self.every_n_batches and not has_position(self.run.data.train_dl):
+            raise ValueError(f"CheckpointCallback(every_n_batches={self.every_n_batches}) needs a training loader that "
+                             f"can resume inside an epoch (state_dict/load_state_dict), got "
+                             f"{type(self.run.data.train_dl).__name__}: build the data with DataBunch.from_datasets, "
+                             f"get_dls or DataBunch.from_tensors, or checkpoint per epoch only (every_n_batches=None)")
+        if self.written is None and self.path.is_file(): self.written = self.path  # a resumed run's own file
+        self._signal, self._mark = None, self._batch_mark()
+        self._install_handlers()
+
+    def _batch_mark(self) -> int:
+        return self.run.n_iter // self.every_n_batches if self.every_n_batches else 0
+
+    def after_batch(self) -> None:
+        run = self.run
+        if not run.in_train or run.iter + 1 >= run.iters: return  # the epoch's end is checkpointed at after_epoch
+        acc = run.find_cb(GradientAccumulation)
+        if acc is not None and acc.n_batches: return  # mid-accumulation: gradients a checkpoint does not hold
+        due = self.every_n_batches is not None and self._batch_mark() > self._mark
+        if _distributed():
+            if not due: return  # ranks only agree on stopping at checkpoint batches (a collective)
+            stop = self._agreed_signal()
+        else:
+            stop = self._signal
+        if due or stop:
+            self._mark = self._batch_mark()
+            self._save()
+        if stop: self._stop(stop)
+
+    def after_epoch(self) -> None:
+        stop = self._agreed_signal() if _distributed() else self._signal
+        last = self.run.epoch + 1 >= self.run.epochs
+        if self.every_epoch or (stop and not last): self._save()
+        if stop and not last: self._stop(stop)  # after the last epoch the fit is over anyway
+
+    def after_fit(self) -> None:
+        self._restore_handlers()
+
+    # ---- checkpoint and stop ------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.written = self.run.save(self.path)
+
+    def _stop(self, signum: int) -> None:
+        from ..serialization import training_position
+        epoch, it = training_position(self.run)
+        where = f"inside epoch {epoch} after {it} batch(es)" if it else f"after {epoch} epoch(s)"
+        raise TrainingInterrupted(f"training stopped by {signal.Signals(signum).name} {where}; checkpoint written to "
+                                  f"{self.written}; continue with learn.fit({self.run.epochs}, resume={str(self.written)!r})"
+                                  f" (fit_one_cycle accepts resume= too)", signum, self.written)
+
+    def _agreed_signal(self) -> int | None:
+        # Every rank stops at the same batch, or the others would wait forever in the next all-reduce.
+        device = next((p.device for p in self.run.model.parameters()), torch.device('cpu'))
+        if dist.get_backend() == 'nccl' and device.type != 'cuda': device = torch.device('cuda', torch.cuda.current_device())
+        flag = torch.tensor(self._signal or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None  # once per checkpoint, not per batch
+
+    # ---- signal handlers ----------------------------------------------------------------------------
+    def _install_handlers(self) -> None:
+        signals = _default_signals() if self.signals == 'default' else list(self.signals or [])
+        if not signals or threading.current_thread() is not threading.main_thread(): return
+        for signum in signals: self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items(): signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is None:
+            self._signal = signum  # acted on after the current batch
+            return
+        self._restore_handlers()
+        raise TrainingInterrupted(f"training aborted at once by a second signal ({signal.Signals(signum).name}); the "
+                                  f"last complete checkpoint is {self.written}" if self.written else
+                                  f"training aborted at once by a second signal ({signal.Signals(signum).name}); no "
+                                  f"checkpoint was written in this fit", signum, self.written)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..core import is_main_process
-from ..callback import Callback, Order
+from ..callback import Callback, Order, resuming
 from .metrics import AvgStatsCallback
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
@@ -47,7 +47,7 @@ class CSVLogger(Callback):
         self.columns = _history_source(self.run, 'CSVLogger').metric_names
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        append = self.append or self.run.start_epoch > 0
+        append = self.append or resuming(self.run)
         has_rows = append and path.is_file() and path.stat().st_size > 0
         if has_rows: self._check_header(path)
         self.file = open(path, 'a' if append else 'w', newline='')

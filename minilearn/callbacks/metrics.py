@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import batch_size, callable_name, listify
-from ..callback import Callback
+from ..callback import Callback, resuming
 
 __all__ = ['accuracy', 'AccumMetric', 'top_k_accuracy', 'balanced_accuracy', 'f1_score', 'precision_score',
            'recall_score', 'is_epoch_metric', 'AvgStats', 'AvgStatsCallback', 'metric_name', 'format_time']
@@ -512,7 +512,7 @@ class AvgStatsCallback(Callback):
         return ['epoch'] + self.train_stats.names + self.valid_stats.names + ['time']
 
     def begin_fit(self) -> None:
-        if self.run.start_epoch == 0: self.history = []  # resuming keeps the loaded history
+        if not resuming(self.run): self.history = []  # resuming keeps the loaded history
         self.run.logger(self.metric_names)
 
     def begin_epoch(self) -> None:

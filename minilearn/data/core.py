@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .sampler import ResumableLoader, _draw_seed
 from .transforms import show_batch
 
 __all__ = ['Dataset', 'DataBunch', 'get_dls', 'TensorLoader']
@@ -36,11 +37,6 @@ class Dataset(torch.utils.data.Dataset):
 def _check_bs(bs: Any) -> None:
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch size must be a positive int, got {bs!r}")
-
-
-def _draw_seed(generator: torch.Generator | None = None) -> int:
-    """A seed drawn once from `generator` (torch's global generator when None)."""
-    return int(torch.randint(0, 2 ** 62, (), generator=generator))
 
 
 class TensorLoader:
@@ -187,11 +183,16 @@ class TensorLoader:
                 f'device={self.device})')
 
 
-def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataLoader, DataLoader | None]:
-    """A shuffled training loader of batch size `bs` and a validation loader of batch size 2·bs."""
+def get_dls(train_ds: Any, valid_ds: Any, bs: int, seed: int | None = None,
+            **kwargs: Any) -> tuple[DataLoader, DataLoader | None]:
+    """A shuffled training loader of batch size `bs` and a validation loader of batch size 2·bs.
+
+    The training loader is a `ResumableLoader`: epoch e's order comes from `seed + e` (`seed` drawn from
+    `generator`, or torch's global generator, when None), and it can resume inside an epoch.
+    """
     _check_bs(bs)
     kwargs.pop('shuffle', None)
-    train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs)
+    train_dl = ResumableLoader(train_ds, batch_size=bs, shuffle=True, seed=seed, **kwargs)
     valid_dl = None if valid_ds is None else DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, **kwargs)
     return train_dl, valid_dl
 

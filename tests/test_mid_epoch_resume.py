@@ -1,0 +1,370 @@
+"""Exact resume from inside an epoch (issue 16): the resumable sampler/loader, CheckpointCallback every N
+batches, `fit(resume=...)` in a fresh process, signals (SIGTERM/SIGINT, a second signal during the save) and
+`minilearn train --checkpoint-every N` / `--resume DIR` stopped by a real SIGTERM.
+
+The run under test shuffles, uses dropout, MixUp, label smoothing, one-cycle and a random batch augmentation;
+its final weights, optimizer state, loss/lr records and per-epoch statistics must equal an uninterrupted run's
+bit for bit on the CPU.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import linear_data, same_weights, weights
+from minilearn.callback import Order
+from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
+from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.mixup import MixUp
+from minilearn.callbacks.recorder import Recorder
+from minilearn.data.core import DataBunch, Dataset
+from minilearn.data.sampler import ResumableLoader, ResumableSampler
+from minilearn.learner import Callback, Learner
+from minilearn.losses import LabelSmoothingCrossEntropy
+from minilearn.serialization import CheckpointError, safe_load
+
+EPOCHS, N_TRAIN, BS = 3, 80, 16  # 5 training batches per epoch
+EVERY = 2
+CRASH_AT = (1, 4)  # (epoch, batch): crashes inside batch 4 of epoch 1; the last checkpoint is after batch 2 (n_iter 8)
+
+
+class FlipJitter(Callback):
+    """A random batch augmentation drawing from torch's global generator: sign flips and noise."""
+    _order = Order.AUGMENT
+
+    def begin_batch(self):
+        if not self.run.in_train: return
+        xb = self.run.xb
+        flip = torch.rand(xb.shape[0], 1) < 0.5
+        self.run.xb = torch.where(flip, -xb, xb) + 0.05 * torch.randn_like(xb)
+
+
+class Crash(Callback):
+    """Dies inside a training batch (after the forward pass), like a kill between checkpoints."""
+
+    def after_pred(self):
+        if self.run.in_train and (self.run.epoch, self.run.iter) == CRASH_AT: raise RuntimeError('node lost')
+
+
+class BatchLog(Callback):
+    """The (epoch, batch) of every training batch run."""
+
+    def __init__(self): self.seen = []
+
+    def begin_batch(self):
+        if self.run.in_train: self.seen.append((self.run.epoch, self.run.iter))
+
+
+def build_learner(path, cbs=()):
+    data = linear_data(n_train=N_TRAIN, n_valid=24, bs=BS)  # a shuffled ResumableLoader, seed from torch's generator
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    learn = Learner(model, data, LabelSmoothingCrossEntropy(0.1), opt_func=torch.optim.Adam, lr=0.02, path=path,
+                    cbs=[MixUp(0.4), FlipJitter(), *cbs], cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder])
+    learn.logger = lambda *args: None
+    return learn
+
+
+def train(learn, **kwargs):
+    learn.fit_one_cycle(EPOCHS, **kwargs)
+
+
+def stats(history):
+    return [{k: v for k, v in row.items() if k != 'time'} for row in history]
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    torch.manual_seed(0)
+    learn = build_learner(tmp_path_factory.mktemp('straight'))
+    train(learn)
+    return learn
+
+
+@pytest.fixture(scope='module')
+def crashed(tmp_path_factory):
+    path = tmp_path_factory.mktemp('crashed')
+    torch.manual_seed(0)
+    learn = build_learner(path, cbs=[CheckpointCallback('ckpt', every_n_batches=EVERY, signals=None), Crash()])
+    with pytest.raises(RuntimeError, match='node lost'):
+        train(learn)
+    return path / 'models' / 'ckpt.pth'
+
+
+def test_the_checkpoint_is_inside_the_epoch(crashed):
+    ckpt = safe_load(crashed)
+    assert (ckpt['epoch'], ckpt['iter'], ckpt['n_iter'], ckpt['epochs']) == (1, 3, 8, EPOCHS)
+    assert (ckpt['loader']['epoch'], ckpt['loader']['batches_done']) == (1, 3)
+    train_sums = ckpt['callbacks']['avg_stats']['train']
+    assert train_sums['count'] == 3 * BS and len(train_sums['pending']) == 3  # this epoch's batches, not summed yet
+
+
+def test_resume_in_a_fresh_process_is_bit_identical(straight, crashed, tmp_path):
+    script = tmp_path / 'resume.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys
+        import torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        torch.set_num_threads(1)  # as in the test process (conftest)
+        from test_mid_epoch_resume import BatchLog, build_learner, train
+        torch.manual_seed(4321)  # other weights, loader seed and RNG: all of it must come from the checkpoint
+        log = BatchLog()
+        learn = build_learner(sys.argv[1], cbs=[log])
+        train(learn, resume=sys.argv[2])
+        torch.save({{'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(),
+                    'losses': torch.tensor(learn.recorder.losses), 'lrs': torch.tensor(learn.recorder.lrs),
+                    'stats': learn.avg_stats.history, 'seen': torch.tensor(log.seen)}}, sys.argv[3])
+    '''))
+    out = tmp_path / 'final.pth'
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(crashed), str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(out, weights_only=True)
+    assert same_weights(final['model'], weights(straight.model))
+    for key, value in straight.opt.state_dict()['state'].items():
+        for name, tensor in value.items(): assert torch.equal(final['opt']['state'][key][name], tensor)
+    assert torch.equal(final['losses'], torch.tensor(straight.recorder.losses))
+    assert torch.equal(final['lrs'], torch.tensor(straight.recorder.lrs))
+    assert stats(final['stats']) == stats(straight.avg_stats.history) and len(final['stats']) == EPOCHS
+    # it started at batch 3 of epoch 1: the batches done were not run again
+    seen = [tuple(p) for p in final['seen'].tolist()]
+    assert seen[0] == (1, 3) and len(seen) == 2 + 5 and seen[-1] == (2, 4)
+
+
+def test_resume_in_the_same_process_too(straight, crashed, tmp_path):
+    torch.manual_seed(99)
+    learn = build_learner(tmp_path)
+    assert not same_weights(weights(learn.model), weights(straight.model))
+    train(learn, resume=crashed)
+    assert same_weights(weights(learn.model), weights(straight.model))
+    assert stats(learn.avg_stats.history) == stats(straight.avg_stats.history)
+    assert (learn.start_epoch, learn.start_iter) == (1, 3)
+
+
+def test_starting_that_epoch_from_its_first_batch_would_differ(straight, crashed, tmp_path):
+    """The control: weights, optimizer, RNG and loader seed from the checkpoint, but the epoch rerun from batch 0."""
+    torch.manual_seed(99)
+    learn = build_learner(tmp_path)
+    with pytest.warns(UserWarning, match='resume=path'):
+        learn.load(crashed)
+    learn.data.train_dl.sampler.start = 0  # epoch 1's order, from its first batch
+    train(learn, start_epoch=1)
+    assert not same_weights(weights(learn.model), weights(straight.model))
+
+
+def test_resume_errors_are_clear_and_leave_the_learner_unchanged(crashed, tmp_path):
+    learn = build_learner(tmp_path)
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match='nothing left to train'):
+        learn.fit(1, resume=crashed)
+    with pytest.raises(ValueError, match='leave start_epoch out'):
+        learn.fit(EPOCHS, resume=crashed, start_epoch=1)
+    other = build_learner(tmp_path)
+    other.data = linear_data(n_train=N_TRAIN + 16, n_valid=24, bs=BS)
+    with pytest.raises(CheckpointError, match='n_items=80'):
+        other.fit(EPOCHS, resume=crashed)
+    plain = build_learner(tmp_path)
+    plain.data.train_dl = torch.utils.data.DataLoader(plain.data.train_ds, batch_size=BS, shuffle=True)
+    with pytest.raises(CheckpointError, match='cannot start at a batch'):
+        plain.fit(EPOCHS, resume=crashed)
+    with pytest.raises(ValueError, match='can resume inside an epoch'):
+        plain.fit(1, cbs=CheckpointCallback('x', every_n_batches=2, signals=None))
+    assert same_weights(weights(learn.model), before) and len(learn.cbs) == len(plain.cbs)
+
+
+# ---- signals ------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _sigusr1_ignored():
+    """SIGUSR1 stands for SIGTERM here; ignored outside the handlers under test, so a stray one kills nothing."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+class SignalAt(Callback):
+    """Sends `signum` to this process during a training batch (after the forward pass)."""
+
+    def __init__(self, signum, at): self.signum, self.at = signum, at
+
+    def after_pred(self):
+        if self.run.in_train and (self.run.epoch, self.run.iter) == self.at: os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_finishes_the_batch_writes_the_checkpoint_and_stops(straight, tmp_path):
+    torch.manual_seed(0)
+    ckpt = CheckpointCallback('ckpt', every_n_batches=None, signals=[signal.SIGUSR1])
+    learn = build_learner(tmp_path, cbs=[ckpt, SignalAt(signal.SIGUSR1, (0, 1))])
+    loss_func = learn.loss_func
+    with pytest.raises(TrainingInterrupted, match=r'SIGUSR1 inside epoch 0 after 2 batch') as info:
+        train(learn)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # the previous handler is back
+    assert isinstance(info.value, KeyboardInterrupt) and info.value.exit_code == 128 + signal.SIGUSR1
+    assert info.value.checkpoint == tmp_path / 'models' / 'ckpt.pth'
+    assert learn.loss_func is loss_func and learn.opt.param_groups[0]['lr'] == learn.lr  # after_fit ran
+    state = safe_load(info.value.checkpoint)
+    assert (state['epoch'], state['iter']) == (0, 2)
+    torch.manual_seed(5)
+    resumed = build_learner(tmp_path)
+    train(resumed, resume=info.value.checkpoint)
+    assert same_weights(weights(resumed.model), weights(straight.model))
+
+
+def test_a_signal_during_validation_stops_at_the_end_of_the_epoch(tmp_path):
+    class SignalInValidation(Callback):
+        def after_pred(self):
+            if not self.run.in_train and self.run.epoch == 0: os.kill(os.getpid(), signal.SIGUSR1)
+
+    ckpt = CheckpointCallback('ckpt', signals=[signal.SIGUSR1])
+    learn = build_learner(tmp_path, cbs=[ckpt, SignalInValidation()])
+    with pytest.raises(TrainingInterrupted, match='after 1 epoch'):
+        train(learn)
+    assert len(learn.avg_stats.history) == 1 and safe_load(ckpt.path)['iter'] == 0
+
+
+def test_a_second_signal_during_the_save_aborts_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import minilearn.serialization as serialization
+    ckpt = CheckpointCallback('ckpt', every_n_batches=1, signals=[signal.SIGUSR1])
+    learn = build_learner(tmp_path, cbs=[ckpt, SignalAt(signal.SIGUSR1, (0, 2))])
+    real_save, before = torch.save, []
+
+    def save_interrupted_by_a_second_signal(obj, f):
+        before.append(ckpt.path.read_bytes() if ckpt.path.is_file() else None)
+        if len(before) == 3:  # the save the first signal asked for, after batch 2
+            f.write(b'partial')
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler raises here, in the middle of the write
+        real_save(obj, f)
+
+    monkeypatch.setattr(serialization.torch, 'save', save_interrupted_by_a_second_signal)
+    with pytest.raises(TrainingInterrupted, match='aborted at once by a second signal') as info:
+        train(learn)
+    monkeypatch.undo()
+    assert len(before) == 3 and info.value.checkpoint == ckpt.path
+    assert ckpt.path.read_bytes() == before[-1]  # the checkpoint written after batch 1, intact
+    assert safe_load(ckpt.path)['iter'] == 2
+    assert [p.name for p in ckpt.path.parent.iterdir()] == ['ckpt.pth']  # no temporary left behind
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+
+
+def test_no_handlers_outside_the_main_thread(tmp_path):
+    import threading
+    seen = {}
+
+    class Probe(Callback):
+        _order = Order.CHECKPOINT + 1
+        def begin_epoch(self): seen['handler'] = signal.getsignal(signal.SIGUSR1)
+
+    learn = build_learner(tmp_path, cbs=[CheckpointCallback('c', signals=[signal.SIGUSR1]), Probe()])
+    thread = threading.Thread(target=lambda: learn.fit(1))
+    thread.start()
+    thread.join()
+    assert seen['handler'] == signal.SIG_IGN
+
+
+# ---- the sampler and loader -----------------------------------------------------------------------------
+class Counted(Dataset):
+    def __init__(self, n):
+        super().__init__(torch.arange(n), torch.arange(n))
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def batches(dl):
+    return [xb.tolist() for xb, _ in dl]
+
+
+def test_loader_started_at_batch_k_continues_the_uninterrupted_order():
+    ds = Counted(22)
+    straight = ResumableLoader(ds, batch_size=4, seed=7)
+    epochs = [batches(straight) for _ in range(3)]
+    assert len(straight) == 6 and all(sorted(sum(e, [])) == list(range(22)) for e in epochs)
+    assert epochs[0] != epochs[1]
+    stopped = ResumableLoader(ds, batch_size=4, seed=7)
+    batches(stopped)
+    it = iter(stopped)
+    head = [next(it)[0].tolist() for _ in range(2)]
+    state = stopped.state_dict()
+    assert (state['epoch'], state['batches_done'], state['seed']) == (1, 2, 7) and head == epochs[1][:2]
+    resumed = ResumableLoader(ds, batch_size=4, seed=123)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 6
+    ds.reads = 0
+    rest = batches(resumed)
+    assert rest == epochs[1][2:] and ds.reads == 22 - 8  # the 2 batches done are skipped, not loaded
+    assert batches(resumed) == epochs[2]
+
+
+def test_epoch_orders_depend_on_the_seed_and_epoch_only():
+    sampler = ResumableSampler(10, seed=3)
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 4)).tolist()
+    sampler.set_epoch(4)
+    assert list(sampler) == expected and sampler.epoch == 5
+    dl = ResumableLoader(Counted(10), batch_size=3, seed=3)
+    next(iter(dl))  # a partial epoch (show_batch) does not change the next one's order
+    assert sum(batches(dl), []) == torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    torch.manual_seed(0)
+    a = ResumableLoader(Counted(10), batch_size=3)
+    torch.manual_seed(0)
+    b = ResumableLoader(Counted(10), batch_size=3)
+    rng = torch.get_rng_state()
+    assert batches(a) == batches(b) and torch.equal(torch.get_rng_state(), rng)  # iterating draws nothing global
+
+
+def test_an_epoch_end_state_starts_the_next_epoch_and_bad_states_are_named():
+    dl = ResumableLoader(Counted(8), batch_size=4, seed=1)
+    first = batches(dl)
+    state = dl.state_dict()
+    assert (state['epoch'], state['batches_done']) == (1, 0)
+    second = batches(dl)
+    other = ResumableLoader(Counted(8), batch_size=4, seed=1)
+    other.load_state_dict({**state, 'epoch': 0, 'batches_done': 2})  # all of epoch 0 done: epoch 1 is next
+    assert batches(other) == second != first
+    with pytest.raises(ValueError, match='batch_size=4, this loader has batch_size=2'):
+        ResumableLoader(Counted(8), batch_size=2).load_state_dict(state)
+    with pytest.raises(KeyError, match='batches_done'):
+        dl.load_state_dict({'seed': 1, 'epoch': 0})
+    with pytest.raises(ValueError, match='outside'):
+        dl.load_state_dict({**state, 'batches_done': 3})
+
+
+def test_get_dls_shuffles_with_a_resumable_loader_and_validates_in_order():
+    x, y = torch.arange(20.).unsqueeze(1), torch.arange(20)
+    data = DataBunch.from_datasets(Dataset(x, y), Dataset(x, y), bs=4, seed=5)
+    assert isinstance(data.train_dl, ResumableLoader) and data.train_dl.sampler.seed == 5
+    assert sum(batches(data.valid_dl), []) == [[float(i)] for i in range(20)]
+    g = torch.Generator().manual_seed(0)
+    seeded = DataBunch.from_datasets(Dataset(x, y), None, bs=4, generator=g)
+    assert seeded.train_dl.sampler.seed == int(torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(0)))
+
+
+def test_each_rank_resumes_its_own_shard():
+    ds = Counted(21)
+    full = ResumableLoader(ds, batch_size=3, seed=2)
+    shards = [full.shard(r, 2) for r in range(2)]
+    epoch0 = [batches(s) for s in shards]
+    assert all(len(s) == 4 for s in shards)  # 11 items per rank (padded), 4 batches
+    assert sorted(sum(sum(epoch0, []), [])) == sorted(list(range(21)) + [torch.randperm(
+        21, generator=torch.Generator().manual_seed(2)).tolist()[0]])
+    uninterrupted = [batches(s) for s in shards]  # epoch 1
+    stopped = [full.shard(r, 2) for r in range(2)]
+    for s in stopped: batches(s)
+    states = []
+    for s in stopped:
+        it = iter(s)
+        next(it)
+        states.append(s.state_dict())
+    assert states[0] == states[1]  # what rank 0 writes fits every rank
+    for r in range(2):
+        restarted = ResumableLoader(ds, batch_size=3, seed=99)
+        restarted.load_state_dict(states[0])
+        assert batches(restarted.shard(r, 2)) == uninterrupted[r][1:]
