@@ -207,8 +207,35 @@ def training_position(learn: Any) -> tuple[int, int]:
     return int(learn.n_epochs), 0
 
 
-def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:
-    """Write model, optimizer, position, callback, loader and RNG states atomically (rank 0 only); returns the path."""
+def _rank_and_world() -> tuple[int, int]:
+    # Before the process group exists (a resumed fit loads before DistributedCallback starts it): torchrun's env.
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
+def rank_states(learn: Any) -> list[dict] | None:
+    """Under DDP, every rank's RNG and callback states (a collective: every rank calls it); None otherwise.
+
+    Ranks draw different random numbers and keep their own running sums and loss records, so an exact
+    resume restores each rank's own; the weights, optimizer and position are the same on every rank.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return None
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {'rng': get_rng_states(), 'callbacks': _callback_states(learn)})
+    return states
+
+
+def _callback_states(learn: Any) -> dict:
+    return {name: cb.state_dict() for name, cb in _stateful_callbacks(learn).items()}
+
+
+def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: list[dict] | None = None) -> Path:
+    """Write model, optimizer, position, callback, loader and RNG states atomically (rank 0 only); returns the path.
+
+    `ranks` (from `rank_states`) adds every rank's own RNG and callback states.
+    """
     path = checkpoint_path(learn, path)
     if not is_main_process(): return path
     opt = learn.opt if with_opt else None
@@ -220,9 +247,9 @@ def save_learner(learn: Any, path: str | Path, with_opt: bool = True) -> Path:
              'opt_class': None if opt is None else type(opt).__name__,
              'epoch': epoch, 'iter': it, 'epochs': int(learn.epochs),
              'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
-             'callbacks': {name: cb.state_dict() for name, cb in _stateful_callbacks(learn).items()},
+             'callbacks': _callback_states(learn),
              'loader': dl.state_dict() if has_position(dl) else None,
-             'rng': get_rng_states()}
+             'rng': get_rng_states(), 'ranks': ranks}
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -350,7 +377,21 @@ def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, stri
     _load_checkpoint(learn, ckpt, path, with_opt=with_opt, strict=strict)
 
 
+def _this_rank(ckpt: dict, path: Path) -> dict:
+    """The checkpoint with this rank's own RNG and callback states, when it holds every rank's."""
+    ranks = ckpt.get('ranks')
+    if not ranks: return ckpt
+    rank, world = _rank_and_world()
+    if world != len(ranks):
+        warnings.warn(f"checkpoint {str(path)!r} was written by {len(ranks)} processes, this run has {world}: every "
+                      f"rank gets rank 0's random-generator and callback states (the run is not an exact resume)",
+                      stacklevel=5)
+        return ckpt
+    return {**ckpt, 'rng': ranks[rank]['rng'], 'callbacks': ranks[rank]['callbacks']}
+
+
 def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict: bool) -> None:
+    ckpt = _this_rank(ckpt, path)
     model = _bare_model(learn.model)
     _check_model_state(model, ckpt['model'], strict, path)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)

@@ -368,3 +368,58 @@ def test_each_rank_resumes_its_own_shard():
         restarted = ResumableLoader(ds, batch_size=3, seed=99)
         restarted.load_state_dict(states[0])
         assert batches(restarted.shard(r, 2)) == uninterrupted[r][1:]
+
+
+# ---- DDP: two processes (gloo, forked), each rank resumes its own shard -------------------------------
+def _ddp_learner(path, rank, cbs=()):
+    torch.manual_seed(rank)  # each rank its own initial weights (DDP broadcasts rank 0's) and random draws
+    learn = build_learner(path, cbs=cbs)
+    learn.data = linear_data(n_train=128, n_valid=24, bs=BS)  # 64 items, 4 batches per rank
+    return learn
+
+
+def _ddp_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    from minilearn.callbacks.distributed import DistributedCallback
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo')
+    path, result = Path(out_dir), {}
+    straight = _ddp_learner(path / 'straight', rank)
+    train(straight, cbs=[DistributedCallback()])
+    stopper = SignalAt(signal.SIGUSR1, (0, 0)) if rank == 1 else Callback()  # only rank 1 is signalled
+    ckpt = CheckpointCallback(path / 'ckpt.pth', every_n_batches=2, signals=[signal.SIGUSR1])
+    stopped = _ddp_learner(path, rank, cbs=[ckpt, stopper])
+    try:
+        train(stopped, cbs=[DistributedCallback()])
+    except TrainingInterrupted as e:
+        result['stopped'] = str(e)
+    dist.barrier()  # rank 0 has written the checkpoint
+    resumed = _ddp_learner(path, 50 + rank)
+    train(resumed, cbs=[DistributedCallback()], resume=path / 'ckpt.pth')
+    result.update(same_weights=same_weights(weights(resumed.model), weights(straight.model)),
+                  same_stats=stats(resumed.avg_stats.history) == stats(straight.avg_stats.history),
+                  same_losses=resumed.recorder.losses == straight.recorder.losses,
+                  n_losses=len(straight.recorder.losses), position=(resumed.start_epoch, resumed.start_iter))
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+
+
+def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method='fork')
+    deadline = time.time() + 180
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes: p.kill()
+            pytest.fail('the 2-process run did not finish within 180 s (a rank waiting for the other?)')
+    r0, r1 = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    for r in (r0, r1):  # rank 1 alone was signalled: both stopped at the next checkpoint batch
+        assert 'inside epoch 0 after 2 batch' in r['stopped'] and r['position'] == (0, 2)
+        assert r['same_weights'] and r['same_stats'] and r['same_losses'] and r['n_losses'] == 4 * EPOCHS
+    assert len(safe_load(tmp_path / 'ckpt.pth')['ranks']) == 2

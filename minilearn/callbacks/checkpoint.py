@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..callback import Callback, CancelTrainException, Order, resuming
-from ..serialization import checkpoint_path, has_position
+from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
 from .metrics import AvgStatsCallback
 from .precision import GradientAccumulation
 from .progress import IN_NOTEBOOK
@@ -308,10 +308,9 @@ class CheckpointCallback(Callback):
 
     # ---- checkpoint and stop ------------------------------------------------------------------------
     def _save(self) -> None:
-        self.written = self.run.save(self.path)
+        self.written = save_learner(self.run, self.path, ranks=rank_states(self.run))
 
     def _stop(self, signum: int) -> None:
-        from ..serialization import training_position
         epoch, it = training_position(self.run)
         where = f"inside epoch {epoch} after {it} batch(es)" if it else f"after {epoch} epoch(s)"
         raise TrainingInterrupted(f"training stopped by {signal.Signals(signum).name} {where}; checkpoint written to "

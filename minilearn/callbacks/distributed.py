@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from ..callback import EVENTS, Callback, Order, flag
 from ..core import do_nothing, to_device
 from ..data.core import TensorLoader
+from ..data.sampler import LOADER_SETTINGS, ResumableLoader
 from .device import DeviceCallback
 from .metrics import AvgStatsCallback
 
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
     from ..learner import Learner
 
 __all__ = ['DistributedCallback', 'distrib_ctx', 'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler']
-
-# DataLoader settings carried over when a loader is rebuilt with a sharding sampler.
-_LOADER_SETTINGS = ('num_workers', 'collate_fn', 'pin_memory', 'drop_last', 'timeout', 'worker_init_fn',
-                    'multiprocessing_context', 'generator', 'prefetch_factor', 'persistent_workers',
-                    'pin_memory_device', 'in_order')
 
 
 def num_distrib() -> int:
@@ -78,9 +74,18 @@ def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: 
 
     Training shards come from a `DistributedSampler` (shuffled like `dl`, padded so every rank runs the
     same number of steps); validation shards are disjoint and unpadded, so the ranks together see every
-    item exactly once. A `TensorLoader` (DataBunch.from_tensors) gives its own shard, a view of the same tensors.
+    item exactly once. A `TensorLoader` (DataBunch.from_tensors) gives its own shard, a view of the same tensors,
+    and a training `ResumableLoader` (get_dls) its own shard; both at their position, so a resumed run
+    continues each rank's share of the epoch.
     """
     if isinstance(dl, TensorLoader): return dl.shard(rank, world_size, train=train, seed=seed if train else None)
+    if isinstance(dl, ResumableLoader):
+        if train: return dl.shard(rank, world_size, seed=seed)
+        if dl.sampler.shuffle:
+            raise ValueError("DistributedCallback shards validation without shuffling; build the validation "
+                             "DataLoader with shuffle=False")
+        return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=ShardSampler(len(dl.dataset), rank, world_size),
+                          **dl.settings())
     if isinstance(dl.sampler, DistributedSampler): return dl  # sharded by the user already
     if isinstance(dl.dataset, IterableDataset):
         raise ValueError("DistributedCallback cannot shard an IterableDataset; split the stream per rank in the "
@@ -97,7 +102,7 @@ def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: 
     else:
         sampler = ShardSampler(len(dl.dataset), rank, world_size)
     accepted = inspect.signature(DataLoader).parameters
-    settings = {name: getattr(dl, name) for name in _LOADER_SETTINGS if name in accepted and hasattr(dl, name)}
+    settings = {name: getattr(dl, name) for name in LOADER_SETTINGS if name in accepted and hasattr(dl, name)}
     if not settings.get('num_workers'): settings.pop('prefetch_factor', None)
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, **settings)
 
@@ -176,7 +181,7 @@ class DistributedCallback(Callback):
     def begin_epoch(self) -> None:
         if not self.active: return
         dl = self.run.data.train_dl
-        sampler = dl if isinstance(dl, TensorLoader) else dl.sampler
+        sampler = dl if hasattr(dl, 'set_epoch') else dl.sampler  # resumable loaders keep their epoch themselves
         if hasattr(sampler, 'set_epoch'): sampler.set_epoch(self.run.epoch)
 
     def begin_batch(self) -> None:
