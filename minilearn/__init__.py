@@ -31,7 +31,7 @@ __all__ = [
     'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
     # data
-    'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'image_extensions', 'get_files', 'ItemList', 'ImageList',
+    'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'ResumableLoader', 'ResumableSampler', 'image_extensions', 'get_files', 'ItemList', 'ImageList',
     'open_image',
     'SplitData', 'split_by_func', 'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor',
     'LabeledData', 'label_by_func', 'parent_labeler', 'label_image_folder', 'Transform', 'MakeRGB', 'make_rgb',
@@ -48,7 +48,7 @@ __all__ = [
     'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler',
     # reliability
     'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback', 'TrackerCallback', 'CheckpointError',
-    'safe_load', 'atomic_write',
+    'safe_load', 'atomic_write', 'CheckpointCallback', 'TrainingInterrupted',
     # after training
     'get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
     'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_predictor',

@@ -2,7 +2,8 @@
 from functools import partial
 
 from .callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
-from .callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
+from .callbacks.checkpoint import (CheckpointCallback, EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback,
+                                   TrackerCallback, TrainingInterrupted)
 from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
 from .callbacks.hooks import ActivationStats, Hook, Hooks
@@ -19,6 +20,7 @@ from .callbacks.transforms import BatchTransformXCallback, view_tfm
 from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
 from .core import camel2snake, listify, to_device
 from .data.core import DataBunch, Dataset, TensorLoader, get_dls
+from .data.sampler import ResumableLoader, ResumableSampler
 from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
                             cifar10_databunch, default_data_dir, download_url, mnist_data, mnist_databunch,
                             read_cifar10, read_idx, read_mnist, untar_data)

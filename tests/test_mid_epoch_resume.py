@@ -180,6 +180,24 @@ def test_resume_errors_are_clear_and_leave_the_learner_unchanged(crashed, tmp_pa
     assert same_weights(weights(learn.model), before) and len(learn.cbs) == len(plain.cbs)
 
 
+def test_with_gradient_accumulation_checkpoints_wait_for_the_step(tmp_path):
+    from minilearn.callbacks.precision import GradientAccumulation
+    torch.manual_seed(0)
+    straight = build_learner(tmp_path / 'straight', cbs=[GradientAccumulation(2)])
+    train(straight)
+    torch.manual_seed(0)
+    ckpt = CheckpointCallback('acc', every_n_batches=1, signals=None)
+    crashing = build_learner(tmp_path, cbs=[GradientAccumulation(2), ckpt, Crash()])  # dies inside (1, 4)
+    with pytest.raises(RuntimeError, match='node lost'):
+        train(crashing)
+    state = safe_load(ckpt.path)
+    assert (state['epoch'], state['iter']) == (1, 4)  # after the step of batches 2 and 3, not after batch 2
+    torch.manual_seed(7)
+    resumed = build_learner(tmp_path, cbs=[GradientAccumulation(2)])
+    train(resumed, resume=ckpt.path)
+    assert same_weights(weights(resumed.model), weights(straight.model))
+
+
 # ---- signals ------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _sigusr1_ignored():
@@ -423,3 +441,84 @@ def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path):
         assert 'inside epoch 0 after 2 batch' in r['stopped'] and r['position'] == (0, 2)
         assert r['same_weights'] and r['same_stats'] and r['same_losses'] and r['n_losses'] == 4 * EPOCHS
     assert len(safe_load(tmp_path / 'ckpt.pth')['ranks']) == 2
+
+
+def test_sigint_is_a_clean_stop_only_without_a_terminal(tmp_path, monkeypatch):
+    import minilearn.callbacks.checkpoint as checkpoint
+
+    class Stdin:
+        def __init__(self, tty): self.tty = tty
+        def isatty(self): return self.tty
+
+    monkeypatch.setattr(checkpoint.sys, 'stdin', Stdin(True))
+    assert checkpoint._default_signals() == [signal.SIGTERM]  # at a terminal, Ctrl-C stops at once as usual
+    monkeypatch.setattr(checkpoint.sys, 'stdin', Stdin(False))
+    assert checkpoint._default_signals() == [signal.SIGTERM, signal.SIGINT]
+    handler = signal.getsignal(signal.SIGINT)
+    learn = build_learner(tmp_path, cbs=[CheckpointCallback('ckpt'), SignalAt(signal.SIGINT, (1, 2))])
+    with pytest.raises(TrainingInterrupted, match='SIGINT inside epoch 1 after 3 batch') as info:
+        train(learn)
+    assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
+
+
+# ---- the command line: a real SIGTERM, then --resume, against a run never interrupted ----------------------
+CLI_ARGS = ['train', '--n-per-class', '30', '--size', '12', '--bs', '6', '--epochs', '2', '--one-cycle',
+            '--mixup', '0.4', '--label-smoothing', '0.1', '--quiet']  # 50 training batches per epoch
+
+
+def _cli(*args, wait=False):
+    """`minilearn ARGS` in a new process; with `wait`, it imports everything first and runs once sent a line."""
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'MPLBACKEND': 'Agg'}
+    code = 'import sys; from minilearn.cli import main; sys.stdin.readline() if WAIT else None; sys.exit(main(sys.argv[1:]))'
+    return subprocess.Popen([sys.executable, '-c', code.replace('WAIT', str(wait)), *args], env=env,
+                            stdin=subprocess.PIPE if wait else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _history(folder):
+    return stats(json.loads((folder / 'metrics.json').read_text())['history'])
+
+
+def test_cli_stopped_by_sigterm_and_resumed_equals_a_run_never_interrupted(tmp_path):
+    from minilearn.cli import main
+    stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
+    proc = _cli(*CLI_ARGS, '--out', str(stopped), '--checkpoint-every', '5')
+    resumed = _cli('train', '--resume', str(stopped), '--quiet', wait=True)  # a fresh process, started early
+    try:
+        assert main([*CLI_ARGS, '--out', str(straight)]) == 0  # meanwhile, the reference run in this process
+        deadline = time.time() + 240
+        while not (stopped / 'checkpoint.pth').is_file():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, 'no checkpoint written within 240 s'
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    except BaseException:
+        resumed.kill()
+        raise
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert 'stopped by SIGTERM' in err and f'minilearn train --resume {stopped}' in err
+    position = safe_load(stopped / 'checkpoint.pth')
+    assert position['epoch'] == 0 and position['iter'] > 0  # stopped inside the first epoch
+    assert json.loads((stopped / 'run.json').read_text())['checkpoint_every'] == 5
+    out, err = resumed.communicate('go\n', timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert same_weights(safe_load(stopped / 'model.pth')['model'], safe_load(straight / 'model.pth')['model'])
+    assert _history(stopped) == _history(straight) and len(_history(straight)) == 2
+    report = json.loads((stopped / 'metrics.json').read_text())
+    assert report['resumed_from'] == {'epoch': 0, 'batch': position['iter']}
+    assert not (stopped / 'checkpoint.pth').exists()  # the run is complete: nothing left to resume
+
+
+def test_cli_resume_refuses_other_options_and_missing_checkpoints(tmp_path, capsys):
+    from minilearn.cli import main
+    assert main(['train', '--resume', str(tmp_path)]) == 2
+    assert 'no checkpoint.pth there' in capsys.readouterr().err
+    (tmp_path / 'checkpoint.pth').write_bytes(b'')
+    (tmp_path / 'run.json').write_text(json.dumps({'lr': 0.02, 'epochs': 2, 'out': str(tmp_path), 'data': None}))
+    assert main(['train', '--resume', str(tmp_path), '--lr', '0.1']) == 2
+    assert '--lr differ(s)' in capsys.readouterr().err
+    assert main(['train', '--out', str(tmp_path), '--checkpoint-every', '3']) == 2
+    assert f'continue it with --resume {tmp_path}' in capsys.readouterr().err

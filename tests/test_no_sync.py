@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import minilearn
 from helpers import small_cnn
-from minilearn.callbacks.checkpoint import TerminateOnNaNCallback
+from minilearn.callbacks.checkpoint import CheckpointCallback, TerminateOnNaNCallback
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
 from minilearn.callbacks.device import ChannelsLast, DeviceCallback
 from minilearn.callbacks.metrics import (AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
@@ -30,6 +30,7 @@ from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize
 from minilearn.data.core import DataBunch, Dataset
+from minilearn.data.sampler import ResumableLoader
 from minilearn.learner import Callback, Learner
 from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
 
@@ -90,11 +91,11 @@ class Disarm(Callback):
     def after_batch(self): self.arm.disarm()
 
 
-def make_data(device_type='cpu'):
+def make_data(device_type='cpu', loader=DataLoader):
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(160, 3, 12, 12, generator=g), torch.randint(0, 4, (160,), generator=g)
     pin = device_type == 'cuda'
-    train = DataLoader(Dataset(x[:96], y[:96]), batch_size=16, shuffle=True, pin_memory=pin)
+    train = loader(Dataset(x[:96], y[:96]), batch_size=16, shuffle=True, pin_memory=pin)
     valid = DataLoader(Dataset(x[96:], y[96:]), batch_size=32, pin_memory=pin)
     return DataBunch(train, valid, c_in=3, c_out=4)
 
@@ -165,6 +166,13 @@ def test_no_host_read_per_batch_on_the_fast_data_path(monkeypatch):
 def test_no_host_read_per_batch_with_reflect_padding(monkeypatch):
     check_reads(*fit_and_count(monkeypatch, F.cross_entropy, [RandomCropPad(2, mode='reflect')],
                                data=make_tensor_data()))
+
+
+def test_no_host_read_per_batch_with_the_resume_checkpoint_callback_and_loader(monkeypatch, tmp_path):
+    # Checkpoint writes read tensors back (once per write); the per-batch path of the callback reads nothing.
+    ckpt = CheckpointCallback(tmp_path / 'c.pth', every_n_batches=None, every_epoch=False)
+    check_reads(*fit_and_count(monkeypatch, F.cross_entropy, [ckpt, GradientAccumulation(2)],
+                               data=make_data(loader=ResumableLoader)))
 
 
 def test_the_counter_sees_a_read_in_a_callback(monkeypatch):

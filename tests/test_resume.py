@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from helpers import linear_data, same_weights, weights
-from minilearn.callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback
+from minilearn.callbacks.checkpoint import (CheckpointCallback, EarlyStoppingCallback, SaveModelCallback,
+                                            TerminateOnNaNCallback)
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
 from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.progress import ProgressCallback
@@ -128,7 +129,7 @@ def test_nothing_once_per_fit_draws_from_the_global_rng(tmp_path):
     learn = Learner(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), data, LabelSmoothingCrossEntropy(),
                     lr=0.05, path=tmp_path,
                     cbs=[SaveModelCallback(), EarlyStoppingCallback(patience=5), TerminateOnNaNCallback(),
-                         ProgressCallback(interactive=False)],
+                         ProgressCallback(interactive=False), CheckpointCallback('resume', signals=None)],
                     cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder])
     learn.logger = lambda *args: None
     state = torch.get_rng_state()
@@ -136,4 +137,4 @@ def test_nothing_once_per_fit_draws_from_the_global_rng(tmp_path):
     learn.save('end')
     learn.load('end')
     assert torch.equal(torch.get_rng_state(), state)
-    assert (tmp_path / 'models' / 'model.pth').is_file()
+    assert (tmp_path / 'models' / 'model.pth').is_file() and (tmp_path / 'models' / 'resume.pth').is_file()

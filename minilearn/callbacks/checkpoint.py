@@ -265,6 +265,7 @@ class CheckpointCallback(Callback):
         self.written: Path | None = None  # the last checkpoint this callback completed
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._mark, self._accumulation = 0, None
 
     # ---- fit ----------------------------------------------------------------------------------------
     def begin_fit(self) -> None:
@@ -276,6 +277,7 @@ class CheckpointCallback(Callback):
                              f"get_dls or DataBunch.from_tensors, or checkpoint per epoch only (every_n_batches=None)")
         if self.written is None and self.path.is_file(): self.written = self.path  # a resumed run's own file
         self._signal, self._mark = None, self._batch_mark()
+        self._accumulation = self.run.find_cb(GradientAccumulation)
         self._install_handlers()
 
     def _batch_mark(self) -> int:
@@ -284,7 +286,7 @@ class CheckpointCallback(Callback):
     def after_batch(self) -> None:
         run = self.run
         if not run.in_train or run.iter + 1 >= run.iters: return  # the epoch's end is checkpointed at after_epoch
-        acc = run.find_cb(GradientAccumulation)
+        acc = self._accumulation
         if acc is not None and acc.n_batches: return  # mid-accumulation: gradients a checkpoint does not hold
         due = self.every_n_batches is not None and self._batch_mark() > self._mark
         if _distributed():
