@@ -9,23 +9,33 @@ bit for bit on the CPU.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
+
+import minilearn.callbacks.checkpoint as checkpoint
+import minilearn.serialization as serialization
 
 from helpers import linear_data, same_weights, weights
 from minilearn.callback import Order
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
+from minilearn.callbacks.distributed import DistributedCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
 from minilearn.callbacks.mixup import MixUp
+from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.recorder import Recorder
+from minilearn.cli import main
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.data.sampler import ResumableLoader, ResumableSampler
 from minilearn.learner import Callback, Learner
@@ -181,7 +191,6 @@ def test_resume_errors_are_clear_and_leave_the_learner_unchanged(crashed, tmp_pa
 
 
 def test_with_gradient_accumulation_checkpoints_wait_for_the_step(tmp_path):
-    from minilearn.callbacks.precision import GradientAccumulation
     torch.manual_seed(0)
     straight = build_learner(tmp_path / 'straight', cbs=[GradientAccumulation(2)])
     train(straight)
@@ -248,7 +257,6 @@ def test_a_signal_during_validation_stops_at_the_end_of_the_epoch(tmp_path):
 
 
 def test_a_second_signal_during_the_save_aborts_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import minilearn.serialization as serialization
     ckpt = CheckpointCallback('ckpt', every_n_batches=1, signals=[signal.SIGUSR1])
     learn = build_learner(tmp_path, cbs=[ckpt, SignalAt(signal.SIGUSR1, (0, 2))])
     real_save, before = torch.save, []
@@ -272,7 +280,6 @@ def test_a_second_signal_during_the_save_aborts_and_keeps_the_previous_checkpoin
 
 
 def test_no_handlers_outside_the_main_thread(tmp_path):
-    import threading
     seen = {}
 
     class Probe(Callback):
@@ -397,8 +404,6 @@ def _ddp_learner(path, rank, cbs=()):
 
 
 def _ddp_worker(rank, port, out_dir):
-    import torch.distributed as dist
-    from minilearn.callbacks.distributed import DistributedCallback
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE='2')
     torch.set_num_threads(1)
@@ -425,8 +430,6 @@ def _ddp_worker(rank, port, out_dir):
 
 
 def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -444,8 +447,6 @@ def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path):
 
 
 def test_sigint_is_a_clean_stop_only_without_a_terminal(tmp_path, monkeypatch):
-    import minilearn.callbacks.checkpoint as checkpoint
-
     class Stdin:
         def __init__(self, tty): self.tty = tty
         def isatty(self): return self.tty
@@ -480,7 +481,6 @@ def _history(folder):
 
 
 def test_cli_stopped_by_sigterm_and_resumed_equals_a_run_never_interrupted(tmp_path):
-    from minilearn.cli import main
     stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
     proc = _cli(*CLI_ARGS, '--out', str(stopped), '--checkpoint-every', '5')
     resumed = _cli('train', '--resume', str(stopped), '--quiet', wait=True)  # a fresh process, started early
@@ -513,7 +513,6 @@ def test_cli_stopped_by_sigterm_and_resumed_equals_a_run_never_interrupted(tmp_p
 
 
 def test_cli_resume_refuses_other_options_and_missing_checkpoints(tmp_path, capsys):
-    from minilearn.cli import main
     assert main(['train', '--resume', str(tmp_path)]) == 2
     assert 'no checkpoint.pth there' in capsys.readouterr().err
     (tmp_path / 'checkpoint.pth').write_bytes(b'')

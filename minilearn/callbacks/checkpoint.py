@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..callback import Callback, CancelTrainException, Order, resuming
+from ..core import model_device
 from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
 from .metrics import AvgStatsCallback
 from .precision import GradientAccumulation
@@ -321,7 +322,7 @@ class CheckpointCallback(Callback):
 
     def _agreed_signal(self) -> int | None:
         # Every rank stops at the same batch, or the others would wait forever in the next all-reduce.
-        device = next((p.device for p in self.run.model.parameters()), torch.device('cpu'))
+        device = model_device(self.run.model, torch.device('cpu'))
         if dist.get_backend() == 'nccl' and device.type != 'cuda': device = torch.device('cuda', torch.cuda.current_device())
         flag = torch.tensor(self._signal or 0, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
