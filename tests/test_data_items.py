@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilearn.data.core import DataBunch
+from minilearn.data.sampler import ResumableSampler
 from minilearn.data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Processor, SplitData,
                                   get_files, grandparent_splitter, image_extensions, label_by_func,
                                   label_image_folder, parent_labeler, random_splitter)
@@ -202,7 +203,7 @@ def test_to_databunch_batches(tree):
     assert data.vocab == list(CLASSES) and data.c_out == 3 and data.c_in == 3
     assert data.item_tfms is tfms_list
     assert data.train_dl.batch_size == 4 and data.valid_dl.batch_size == 8
-    assert isinstance(data.train_dl.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(data.train_dl.sampler, ResumableSampler) and data.train_dl.sampler.shuffle
     assert isinstance(data.valid_dl.sampler, torch.utils.data.SequentialSampler)
     xb, yb = next(iter(data.train_dl))
     assert xb.shape == (4, 3, 16, 16) and xb.dtype == torch.float32 and 0 <= xb.min() and xb.max() <= 1

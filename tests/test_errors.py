@@ -280,7 +280,7 @@ def test_negative_class_index():
 def test_ignore_index_is_allowed_but_other_negatives_are_not():
     learn = learner_on(torch.tensor([0, 1, -1, 2] * 4), nn.CrossEntropyLoss(ignore_index=-1))
     learn.fit(1)  # -1 is ignore_index: fine
-    learn.data = data_with_targets(torch.tensor([0, 1, 2, 2] * 3 + [0, 1, -2, 2]))
+    learn.data = data_with_targets(torch.tensor([0, 1, 2, 2] * 3 + [0, 1, -2, 2]), shuffle=False)  # not in batch 0
     fit_fails(learn, ValueError, 'target class index -2 (in the training set) is negative', 'ignore_index=-1')
 
 

@@ -64,7 +64,7 @@ def test_bfloat16_on_cpu_runs_layers_in_bf16_computes_the_loss_in_float32_and_tr
     momentum = functools.partial(torch.optim.SGD, momentum=0.9)
     learn = Learner(model, data, F.cross_entropy, lr=0.3, opt_func=momentum,
                     cbs=[MixedPrecision(), probe, AvgStatsCallback(accuracy)])
-    learn.fit(3)
+    learn.fit(6)  # 3 epochs reached the thresholds below for 2 of 5 seeds only
     assert set(inside) == {torch.bfloat16}
     assert set(probe.pred_dtypes) == {torch.float32} and set(probe.loss_dtypes) == {torch.float32}
     assert learn.mixed_precision.used_dtype == torch.bfloat16 and learn.mixed_precision.scaler is None

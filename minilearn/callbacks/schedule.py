@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..core import check_positive, listify
-from ..serialization import get_rng_states, set_rng_states
+from ..serialization import get_rng_states, has_position, set_rng_states
 from ..callback import Callback, CancelTrainException, Order, flag
 from .recorder import Recorder, suggest_lr
 
@@ -246,7 +246,12 @@ def _snapshot(learn: Any) -> dict:
     return {'model': copy.deepcopy(model.state_dict()),
             'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
             'training': [(m, m.training) for m in model.modules()],
-            'opt': copy.deepcopy(opt.state_dict()), 'rng': rng}
+            'opt': copy.deepcopy(opt.state_dict()), 'rng': rng, 'loader': _loader_position(learn)}
+
+
+def _loader_position(learn: Any) -> dict | None:
+    dl = learn.data.train_dl
+    return dl.state_dict() if has_position(dl) else None
 
 
 def _restore(learn: Any, saved: dict) -> None:
@@ -255,13 +260,16 @@ def _restore(learn: Any, saved: dict) -> None:
     for module, training in saved['training']: module.training = training
     learn.opt.load_state_dict(saved['opt'])
     set_rng_states(saved['rng'])
+    # The sweep's batches do not move the next fit's epochs on: same order as without the sweep.
+    if saved['loader'] is not None: learn.data.train_dl.load_state_dict(saved['loader'])
 
 
 class LR_Find(Callback):
     """Learning-rate range test: lr grows exponentially from `min_lr` to `max_lr` over `max_iter` training
     batches (position n_iter/max_iter) with no validation; training stops at `max_iter` batches or when the
     loss exceeds 10x the best loss so far (or is not finite). At `after_fit` the model weights, gradients,
-    optimizer state and the random-number generators (torch, numpy, python) are put back as they were.
+    optimizer state, the random-number generators (torch, numpy, python) and the training loader's position
+    are put back as they were.
 
     The divergence test is computed on the loss's device; on CUDA its flag is copied to pinned host memory
     without waiting and read once the copy has completed, so the sweep may run a batch or two past the
