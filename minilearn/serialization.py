@@ -313,8 +313,9 @@ def _rng_to_restore(ckpt: dict, path: Path) -> list[Callable[[], None]]:
         raise CheckpointError(f"checkpoint {str(path)!r} has malformed random-generator states ({e!r})") from e
 
 
-def _loader_to_load(learn: Any, ckpt: dict, path: Path) -> dict | None:
-    state, it, dl = ckpt.get('loader'), int(ckpt.get('iter', 0)), learn.data.train_dl
+def _loader_to_load(learn: Any, ckpt: dict, path: Path, resume: bool) -> dict | None:
+    # A resume inside an epoch needs the loader at that batch; a plain load only restores what fits.
+    state, it, dl = ckpt.get('loader'), int(ckpt.get('iter', 0)) if resume else 0, learn.data.train_dl
     if it and not has_position(dl):
         raise CheckpointError(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({it} batches done), "
                               f"but this training loader ({type(dl).__name__}) cannot start at a batch: it has no "
@@ -361,7 +362,7 @@ def load_for_resume(learn: Any, path: str | Path, epochs: int, start_epoch: int 
     ckpt = safe_load(path)
     _check_format(ckpt, path)
     position = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
-    _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True)
+    _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True, resume=True)
     return position
 
 
@@ -374,7 +375,7 @@ def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, stri
         warnings.warn(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({ckpt['iter']} batches "
                       f"done): continue it with learn.fit(epochs, resume=path), which starts at that batch",
                       stacklevel=3)
-    _load_checkpoint(learn, ckpt, path, with_opt=with_opt, strict=strict)
+    _load_checkpoint(learn, ckpt, path, with_opt=with_opt, strict=strict, resume=False)
 
 
 def _this_rank(ckpt: dict, path: Path) -> dict:
@@ -390,13 +391,13 @@ def _this_rank(ckpt: dict, path: Path) -> dict:
     return {**ckpt, 'rng': ranks[rank]['rng'], 'callbacks': ranks[rank]['callbacks']}
 
 
-def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict: bool) -> None:
+def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict: bool, resume: bool) -> None:
     ckpt = _this_rank(ckpt, path)
     model = _bare_model(learn.model)
     _check_model_state(model, ckpt['model'], strict, path)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
     rng_setters = _rng_to_restore(ckpt, path)
-    loader_state = _loader_to_load(learn, ckpt, path)
+    loader_state = _loader_to_load(learn, ckpt, path, resume)
     stateful = _stateful_callbacks(learn)
     cb_states = {}
     for name, state in ckpt.get('callbacks', {}).items():

@@ -113,8 +113,9 @@ def test_the_checkpoint_is_inside_the_epoch(crashed):
     ckpt = safe_load(crashed)
     assert (ckpt['epoch'], ckpt['iter'], ckpt['n_iter'], ckpt['epochs']) == (1, 3, 8, EPOCHS)
     assert (ckpt['loader']['epoch'], ckpt['loader']['batches_done']) == (1, 3)
-    train_sums = ckpt['callbacks']['avg_stats']['train']
-    assert train_sums['count'] == 3 * BS and len(train_sums['pending']) == 3  # this epoch's batches, not summed yet
+    partial = ckpt['callbacks']['avg_stats']['partial']
+    assert partial['epoch'] == 1 and partial['train']['count'] == 3 * BS
+    assert len(partial['train']['pending']) == 3  # this epoch's batches, not summed yet
 
 
 def test_resume_in_a_fresh_process_is_bit_identical(straight, crashed, tmp_path):
