@@ -330,6 +330,18 @@ def test_loader_started_at_batch_k_continues_the_uninterrupted_order():
     assert batches(resumed) == epochs[2]
 
 
+def test_a_loader_read_partly_before_fitting_gives_whole_epochs(tmp_path):
+    """show_batch / channel_stats / summary read a batch or two; the LR finder puts the position back after its
+    sweep: neither shortens an epoch of the next fit."""
+    learn = build_learner(tmp_path, cbs=[BatchLog()])
+    next(iter(learn.data.train_dl))  # what DataBunch.show_batch does
+    assert learn.data.train_dl.state_dict()['batches_done'] == 0
+    learn.lr_find(max_iter=3)
+    learn.batch_log.seen = []
+    learn.fit(2)
+    assert [b for e, b in learn.batch_log.seen] == list(range(5)) * 2
+
+
 def test_epoch_orders_depend_on_the_seed_and_epoch_only():
     sampler = ResumableSampler(10, seed=3)
     expected = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 4)).tolist()

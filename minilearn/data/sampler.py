@@ -104,14 +104,20 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator(), **kwargs)
         self._iter_epoch: int | None = None  # the epoch being read, and how many of its batches were yielded
         self._done = 0
+        self._current: object | None = None  # the iteration those describe
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = self.sampler
-        self._iter_epoch, self._done = sampler.epoch, sampler.start // self.batch_size
+        sampler, token = self.sampler, object()
+        self._iter_epoch, self._done, self._current = sampler.epoch, sampler.start // self.batch_size, token
         self.generator.manual_seed((sampler.seed + sampler.epoch) ^ 0x5DEECE66D)  # the workers' base seed
-        for batch in super().__iter__():
-            self._done += 1
-            yield batch
+        try:
+            for batch in super().__iter__():
+                if self._current is token: self._done += 1
+                yield batch
+        finally:
+            # Finished, or dropped after a few batches (show_batch, channel_stats): the sampler has moved on,
+            # so the position is the next epoch's start.
+            if self._current is token: self._iter_epoch = self._current = None
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield epoch `epoch` (the DistributedSampler convention)."""
