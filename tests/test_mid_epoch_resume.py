@@ -27,12 +27,12 @@ from torch import nn
 import minilearn.callbacks.checkpoint as checkpoint
 import minilearn.serialization as serialization
 
-from helpers import linear_data, same_weights, weights
+from helpers import image_data, linear_data, same_weights, small_cnn, weights
 from minilearn.callback import Order
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
 from minilearn.callbacks.distributed import DistributedCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
-from minilearn.callbacks.mixup import MixUp
+from minilearn.callbacks.mixup import CutMix, MixUp, MixUpCutMix
 from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.recorder import Recorder
 from minilearn.cli import main
@@ -54,7 +54,7 @@ class FlipJitter(Callback):
     def begin_batch(self):
         if not self.run.in_train: return
         xb = self.run.xb
-        flip = torch.rand(xb.shape[0], 1) < 0.5
+        flip = (torch.rand(xb.shape[0]) < 0.5).view(-1, *[1] * (xb.ndim - 1))
         self.run.xb = torch.where(flip, -xb, xb) + 0.05 * torch.randn_like(xb)
 
 
@@ -206,6 +206,31 @@ def test_with_gradient_accumulation_checkpoints_wait_for_the_step(tmp_path):
     resumed = build_learner(tmp_path, cbs=[GradientAccumulation(2)])
     train(resumed, resume=ckpt.path)
     assert same_weights(weights(resumed.model), weights(straight.model))
+
+
+@pytest.mark.parametrize('mixer', [CutMix, MixUpCutMix])
+def test_images_with_cutmix_resume_exactly(tmp_path, mixer):
+    def image_learner(cbs=()):
+        data = image_data(n_train=96, n_valid=32, size=8, bs=16)  # 6 shuffled batches per epoch
+        learn = Learner(small_cnn(), data, LabelSmoothingCrossEntropy(0.1), lr=0.1, path=tmp_path,
+                        cbs=[mixer(), FlipJitter(), *cbs], cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder])
+        learn.logger = lambda *args: None
+        return learn
+
+    torch.manual_seed(0)
+    straight = image_learner()
+    straight.fit_one_cycle(2)
+    torch.manual_seed(0)
+    ckpt = CheckpointCallback('img', every_n_batches=4, signals=None)
+    crashing = image_learner(cbs=[ckpt, Crash()])  # dies inside (1, 4), after the checkpoint at batch 4 of 12
+    with pytest.raises(RuntimeError, match='node lost'):
+        crashing.fit_one_cycle(2)
+    assert (safe_load(ckpt.path)['epoch'], safe_load(ckpt.path)['iter']) == (1, 2)
+    torch.manual_seed(3)
+    resumed = image_learner()
+    resumed.fit_one_cycle(2, resume=ckpt.path)
+    assert same_weights(weights(resumed.model), weights(straight.model))
+    assert stats(resumed.avg_stats.history) == stats(straight.avg_stats.history)
 
 
 # ---- signals ------------------------------------------------------------------------------------------
