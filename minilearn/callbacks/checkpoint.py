@@ -245,10 +245,11 @@ class CheckpointCallback(Callback):
     While fitting, on one of `signals` (default: SIGTERM, and SIGINT when no one is at a terminal or
     notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
     learner and raises `TrainingInterrupted`; during validation or the last batch of a training pass it
-    stops at the end of the epoch instead. A second signal raises at once (an unfinished write leaves the
-    previous checkpoint intact). Handlers are only installed from the main thread and are restored after
-    the fit. With GradientAccumulation, checkpoints wait for the next optimizer step. Under DDP every rank
-    keeps its place (rank 0 writes) and the ranks agree on stopping at the next checkpoint batch or epoch end.
+    stops at the end of the epoch instead (in the last epoch, the fit just ends). A second signal raises at
+    once (an unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
+    main thread and are restored after the fit. With GradientAccumulation, checkpoints wait for the next
+    optimizer step. Under DDP every rank keeps its place (rank 0 writes) and the ranks agree on stopping at
+    the next checkpoint batch or epoch end.
     """
     _order = Order.CHECKPOINT
     run_during_lr_find = False
