@@ -407,7 +407,8 @@ def test_get_dls_shuffles_with_a_resumable_loader_and_validates_in_order():
     assert sum(batches(data.valid_dl), []) == [[float(i)] for i in range(20)]
     g = torch.Generator().manual_seed(0)
     seeded = DataBunch.from_datasets(Dataset(x, y), None, bs=4, generator=g)
-    assert seeded.train_dl.sampler.seed == int(torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(0)))
+    drawn = torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(0))
+    assert seeded.train_dl.sampler.seed == int(drawn)
 
 
 def test_each_rank_resumes_its_own_shard():
@@ -508,7 +509,8 @@ CLI_ARGS = ['train', '--n-per-class', '30', '--size', '12', '--bs', '6', '--epoc
 def _cli(*args, wait=False):
     """`minilearn ARGS` in a new process; with `wait`, it imports everything first and runs once sent a line."""
     env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'MPLBACKEND': 'Agg'}
-    code = 'import sys; from minilearn.cli import main; sys.stdin.readline() if WAIT else None; sys.exit(main(sys.argv[1:]))'
+    code = ('import sys; from minilearn.cli import main; sys.stdin.readline() if WAIT else None; '
+            'sys.exit(main(sys.argv[1:]))')
     return subprocess.Popen([sys.executable, '-c', code.replace('WAIT', str(wait)), *args], env=env,
                             stdin=subprocess.PIPE if wait else subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -318,13 +318,15 @@ class CheckpointCallback(Callback):
         epoch, it = training_position(self.run)
         where = f"inside epoch {epoch} after {it} batch(es)" if it else f"after {epoch} epoch(s)"
         raise TrainingInterrupted(f"training stopped by {signal.Signals(signum).name} {where}; checkpoint written to "
-                                  f"{self.written}; continue with learn.fit({self.run.epochs}, resume={str(self.written)!r})"
-                                  f" (fit_one_cycle accepts resume= too)", signum, self.written)
+                                  f"{self.written}; continue with learn.fit({self.run.epochs}, "
+                                  f"resume={str(self.written)!r}) (fit_one_cycle accepts resume= too)",
+                                  signum, self.written)
 
     def _agreed_signal(self) -> int | None:
         # Every rank stops at the same batch, or the others would wait forever in the next all-reduce.
         device = model_device(self.run.model, torch.device('cpu'))
-        if dist.get_backend() == 'nccl' and device.type != 'cuda': device = torch.device('cuda', torch.cuda.current_device())
+        if dist.get_backend() == 'nccl' and device.type != 'cuda':
+            device = torch.device('cuda', torch.cuda.current_device())
         flag = torch.tensor(self._signal or 0, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None  # once per checkpoint, not per batch

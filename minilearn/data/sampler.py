@@ -160,7 +160,8 @@ class ResumableLoader(DataLoader):
 
     def shard(self, rank: int, world_size: int, seed: int | None = None) -> ResumableLoader:
         """Rank `rank`'s share of each epoch (padded), at the same position; reseeded with `seed` when given."""
-        if self.sampler.world_size != 1: raise ValueError("this ResumableLoader is a shard already; shard the full loader")
+        if self.sampler.world_size != 1:
+            raise ValueError("this ResumableLoader is a shard already; shard the full loader")
         sampler = self.sampler
         loader = type(self)(self.dataset, batch_size=self.batch_size, shuffle=sampler.shuffle,
                             seed=sampler.seed if seed is None else seed, rank=rank, world_size=world_size,
