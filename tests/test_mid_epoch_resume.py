@@ -29,6 +29,7 @@ import minilearn.serialization as serialization
 
 from helpers import image_data, linear_data, same_weights, small_cnn, weights
 from minilearn.callback import Order
+from minilearn.callbacks.augment import RandomCropPad, RandomFlip
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
 from minilearn.callbacks.distributed import DistributedCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
@@ -36,7 +37,7 @@ from minilearn.callbacks.mixup import CutMix, MixUp, MixUpCutMix
 from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.recorder import Recorder
 from minilearn.cli import main
-from minilearn.data.core import DataBunch, Dataset
+from minilearn.data.core import DataBunch, Dataset, TensorLoader
 from minilearn.data.sampler import ResumableLoader, ResumableSampler
 from minilearn.learner import Callback, Learner
 from minilearn.losses import LabelSmoothingCrossEntropy
@@ -231,6 +232,55 @@ def test_images_with_cutmix_resume_exactly(tmp_path, mixer):
     resumed.fit_one_cycle(2, resume=ckpt.path)
     assert same_weights(weights(resumed.model), weights(straight.model))
     assert stats(resumed.avg_stats.history) == stats(straight.avg_stats.history)
+
+
+def test_from_tensors_with_crop_and_flip_resumes_exactly(tmp_path):
+    """The in-memory loader (DataBunch.from_tensors, uint8 images) and its batch augmentations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (112, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 4, (112,), generator=g)
+
+    def tensor_learner(cbs=()):
+        data = DataBunch.from_tensors(x[:96], y[:96], x[96:], y[96:], bs=16, c_out=4)  # seed from torch's generator
+        learn = Learner(small_cnn(), data, LabelSmoothingCrossEntropy(0.1), lr=0.1, path=tmp_path,
+                        cbs=[RandomCropPad(2), RandomFlip(), MixUp(0.4), *cbs],
+                        cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder])
+        learn.logger = lambda *args: None
+        return learn
+
+    torch.manual_seed(0)
+    straight = tensor_learner()
+    straight.fit_one_cycle(2)
+    torch.manual_seed(0)
+    ckpt = CheckpointCallback('tensors', every_n_batches=4, signals=None)
+    crashing = tensor_learner(cbs=[ckpt, Crash()])
+    with pytest.raises(RuntimeError, match='node lost'):
+        crashing.fit_one_cycle(2)
+    state = safe_load(ckpt.path)
+    assert (state['epoch'], state['iter']) == (1, 2) and state['loader']['batches_done'] == 2
+    torch.manual_seed(3)
+    resumed = tensor_learner(cbs=[BatchLog()])
+    assert resumed.data.train_dl.seed != straight.data.train_dl.seed
+    resumed.fit_one_cycle(2, resume=ckpt.path)
+    assert same_weights(weights(resumed.model), weights(straight.model))
+    assert stats(resumed.avg_stats.history) == stats(straight.avg_stats.history)
+    assert resumed.batch_log.seen[0] == (1, 2) and len(resumed.batch_log.seen) == 4
+
+
+def test_tensor_loader_shards_and_dropped_iterations_keep_the_position():
+    x, y = torch.arange(21.).unsqueeze(1), torch.arange(21)
+    full = TensorLoader(x, y, bs=3, shuffle=True, seed=2)
+    uninterrupted = [[b.tolist() for b, _ in full.shard(r, 2, train=True)] for r in range(2)]
+    stopped = full.shard(0, 2, train=True)
+    it = iter(stopped)
+    next(it)
+    restarted = TensorLoader(x, y, bs=3, shuffle=True, seed=9)
+    restarted.load_state_dict(stopped.state_dict())
+    for r in range(2):  # each rank continues its own share of the epoch
+        assert [b.tolist() for b, _ in restarted.shard(r, 2, train=True)] == uninterrupted[r][1:]
+    loader = TensorLoader(x, y, bs=3, shuffle=True, seed=2)
+    next(iter(loader))  # read partly, then dropped
+    assert loader.state_dict()['epoch'] == 1 and loader.state_dict()['batches_done'] == 0
 
 
 # ---- signals ------------------------------------------------------------------------------------------
@@ -435,30 +485,33 @@ def test_each_rank_resumes_its_own_shard():
 
 
 # ---- DDP: two processes (gloo, forked), each rank resumes its own shard -------------------------------
-def _ddp_learner(path, rank, cbs=()):
+def _ddp_learner(path, rank, tensors, cbs=()):
     torch.manual_seed(rank)  # each rank its own initial weights (DDP broadcasts rank 0's) and random draws
     learn = build_learner(path, cbs=cbs)
-    learn.data = linear_data(n_train=128, n_valid=24, bs=BS)  # 64 items, 4 batches per rank
+    data = linear_data(n_train=128, n_valid=24, bs=BS)  # 64 items, 4 batches per rank
+    if tensors:
+        data = DataBunch.from_tensors(data.train_ds.x, data.train_ds.y, data.valid_ds.x, data.valid_ds.y, bs=BS)
+    learn.data = data
     return learn
 
 
-def _ddp_worker(rank, port, out_dir):
+def _ddp_worker(rank, port, out_dir, tensors):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE='2')
     torch.set_num_threads(1)
     dist.init_process_group('gloo')
     path, result = Path(out_dir), {}
-    straight = _ddp_learner(path / 'straight', rank)
+    straight = _ddp_learner(path / 'straight', rank, tensors)
     train(straight, cbs=[DistributedCallback()])
     stopper = SignalAt(signal.SIGUSR1, (0, 0)) if rank == 1 else Callback()  # only rank 1 is signalled
     ckpt = CheckpointCallback(path / 'ckpt.pth', every_n_batches=2, signals=[signal.SIGUSR1])
-    stopped = _ddp_learner(path, rank, cbs=[ckpt, stopper])
+    stopped = _ddp_learner(path, rank, tensors, cbs=[ckpt, stopper])
     try:
         train(stopped, cbs=[DistributedCallback()])
     except TrainingInterrupted as e:
         result['stopped'] = str(e)
     dist.barrier()  # rank 0 has written the checkpoint
-    resumed = _ddp_learner(path, 50 + rank)
+    resumed = _ddp_learner(path, 50 + rank, tensors)
     train(resumed, cbs=[DistributedCallback()], resume=path / 'ckpt.pth')
     result.update(same_weights=same_weights(weights(resumed.model), weights(straight.model)),
                   same_stats=stats(resumed.avg_stats.history) == stats(straight.avg_stats.history),
@@ -468,11 +521,12 @@ def _ddp_worker(rank, port, out_dir):
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
 
 
-def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path):
+@pytest.mark.parametrize('tensors', [False, True], ids=['ResumableLoader', 'TensorLoader'])
+def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path, tensors):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method='fork')
+    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path), tensors), nprocs=2, join=False, start_method='fork')
     deadline = time.time() + 180
     while not ctx.join(timeout=1):
         if time.time() > deadline:

@@ -67,6 +67,7 @@ class TensorLoader:
         self._skip = 0  # batches of that epoch already done (set by load_state_dict)
         self._iter_epoch: int | None = None  # the epoch being iterated, and how many of its batches were yielded
         self._done = 0
+        self._current: object | None = None  # the iteration those describe
 
     @property
     def x(self) -> torch.Tensor:
@@ -109,25 +110,29 @@ class TensorLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, skip = self.epoch, self._skip
+        epoch, skip, token = self.epoch, self._skip, object()
         self.epoch, self._skip = epoch + 1, 0
-        self._iter_epoch, self._done = epoch, skip
+        self._iter_epoch, self._done, self._current = epoch, skip, token
         x, y, bs, n_batches = self.x, self.y, self.batch_size, len(self)
         idx = self.order(epoch).to(x.device)  # one copy per epoch; each batch then gathers on the device
-        for b in range(skip, n_batches):
-            batch_idx = idx[b * bs:(b + 1) * bs]
-            xb = x[batch_idx]  # advanced indexing keeps channels-last strides (index_select does not)
-            if xb.dtype == torch.uint8: xb = xb.float().div_(255.)
-            self._done = b + 1
-            yield xb, y[batch_idx]
+        try:
+            for b in range(skip, n_batches):
+                batch_idx = idx[b * bs:(b + 1) * bs]
+                xb = x[batch_idx]  # advanced indexing keeps channels-last strides (index_select does not)
+                if xb.dtype == torch.uint8: xb = xb.float().div_(255.)
+                if self._current is token: self._done = b + 1
+                yield xb, y[batch_idx]
+        finally:
+            # Finished, or dropped after a few batches: the position is the next epoch's start (as ResumableLoader).
+            if self._current is token: self._iter_epoch = self._current = None
 
     def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first batch of the next epoch, leaving the loader's position as it is (show_batch)."""
-        position = self.epoch, self._skip, self._iter_epoch, self._done
+        position = self.epoch, self._skip, self._iter_epoch, self._done, self._current
         try:
             return next(iter(self))
         finally:
-            self.epoch, self._skip, self._iter_epoch, self._done = position
+            self.epoch, self._skip, self._iter_epoch, self._done, self._current = position
 
     def state_dict(self) -> dict:
         """The position between batches: seed, the epoch being read and how many of its batches were yielded."""
@@ -167,7 +172,7 @@ class TensorLoader:
             raise ValueError("DistributedCallback shards validation without shuffling; build the validation "
                              "loader with shuffle=False")
         loader = self._new(rank=rank, world_size=world_size, pad=train, seed=self.seed if seed is None else seed)
-        loader.epoch = self.epoch
+        loader.epoch, loader._skip = self.epoch, self._skip  # a resumed epoch continues on every rank
         return loader
 
     def ordered(self) -> TensorLoader:
