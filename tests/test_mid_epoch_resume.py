@@ -611,7 +611,9 @@ def test_cli_resume_refuses_other_options_and_missing_checkpoints(tmp_path, caps
     assert 'no checkpoint.pth there' in capsys.readouterr().err
     (tmp_path / 'checkpoint.pth').write_bytes(b'')
     (tmp_path / 'run.json').write_text(json.dumps({'lr': 0.02, 'epochs': 2, 'out': str(tmp_path), 'data': None}))
-    assert main(['train', '--resume', str(tmp_path), '--lr', '0.1']) == 2
+    assert main(['train', '--resume', str(tmp_path), '--lr', '0.5']) == 2
     assert '--lr differ(s)' in capsys.readouterr().err
+    assert main(['train', '--resume', str(tmp_path)]) == 2
+    assert 'cannot read checkpoint' in capsys.readouterr().err  # an empty file: one line, no traceback
     assert main(['train', '--out', str(tmp_path), '--checkpoint-every', '3']) == 2
     assert f'continue it with --resume {tmp_path}' in capsys.readouterr().err
