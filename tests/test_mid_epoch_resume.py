@@ -597,12 +597,13 @@ def test_cli_stopped_by_sigterm_and_resumed_equals_a_run_never_interrupted(tmp_p
     position = safe_load(stopped / 'checkpoint.pth')
     assert position['epoch'] == 0 and position['iter'] > 0  # stopped inside the first epoch
     assert json.loads((stopped / 'run.json').read_text())['checkpoint_every'] == 5
+    assert json.loads((stopped / 'metrics.json').read_text())['status'] == 'interrupted'
     out, err = resumed.communicate('go\n', timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert same_weights(safe_load(stopped / 'model.pth')['model'], safe_load(straight / 'model.pth')['model'])
     assert _history(stopped) == _history(straight) and len(_history(straight)) == 2
     report = json.loads((stopped / 'metrics.json').read_text())
-    assert report['resumed_from'] == {'epoch': 0, 'batch': position['iter']}
+    assert report['resumed_from'] == {'epoch': 0, 'batch': position['iter']} and report['status'] == 'complete'
     assert not (stopped / 'checkpoint.pth').exists()  # the run is complete: nothing left to resume
 
 
