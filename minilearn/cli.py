@@ -1,7 +1,9 @@
 """Command-line interface: `minilearn train` trains a CNN and writes plots, a checkpoint and `metrics.json`.
 
 torch is imported only once the command line has been parsed and checked, so that `--help`, `--version`
-and a mistyped option are answered at once (importing torch and torchvision takes seconds).
+and a mistyped option are answered at once (importing torch and torchvision takes seconds). That is why
+every import of torch and of the package's own modules below is local to the function that needs it:
+none of them breaks an import cycle (tests/test_import_graph.py, tests/test_cli.py check both).
 """
 from __future__ import annotations
 
