@@ -366,7 +366,8 @@ def test_a_mid_epoch_checkpoint_holds_the_pass_so_far_and_a_resume_gives_the_sam
         assert kept['preds'].shape == (96, 3) and torch.equal(kept['targets'], straight.data.train_ds.y[:96])
 
         resumed = resume_learner(ResumingLearner)
-        resumed.load(tmp_path / 'mid.pth')
+        with pytest.warns(UserWarning, match=r'resume=path'):  # a faked resume: this test predates fit(resume=)
+            resumed.load(tmp_path / 'mid.pth')
         resumed.skip_epoch, resumed.skip = 1, 6
         resumed.fit(3, start_epoch=1)
     finally:
@@ -379,7 +380,8 @@ def test_a_fit_that_starts_the_epoch_again_drops_the_saved_part(tmp_path):
     straight = resume_learner()
     straight.fit(2, cbs=[SaveAt(tmp_path / 'mid.pth', epoch=1, batch=5)])
     again = resume_learner()
-    again.load(tmp_path / 'mid.pth')
+    with pytest.warns(UserWarning, match=r'resume=path'):
+        again.load(tmp_path / 'mid.pth')
     again.fit(2, start_epoch=1)  # the loop runs epoch 1 from its first batch
     assert again.avg_stats.train_stats.count == 160 and again.avg_stats.train_stats.metrics[1].preds[0].shape[0] == 160
 
