@@ -354,9 +354,11 @@ def _write_outputs(learn: Any, out: Path, report: dict) -> None:
     if 'matplotlib.pyplot' not in sys.modules: matplotlib.use('Agg')  # files only: no window needed
     import matplotlib.pyplot as plt
 
+    from .callbacks.recorder import Recorder
     from .checks import is_class_index_loss
     from .inference import ClassificationInterpretation
-    plots = {'loss_plot': ('loss.png', learn.recorder.plot_loss), 'lr_plot': ('lr.png', learn.recorder.plot_lr)}
+    recorder = learn.find_cb(Recorder)
+    plots = {'loss_plot': ('loss.png', recorder.plot_loss), 'lr_plot': ('lr.png', recorder.plot_lr)}
     if is_class_index_loss(learn.loss_func) and learn.data.valid_dl is not None:
         interp = ClassificationInterpretation.from_learner(learn)
         report['confusion_matrix'] = interp.confusion_matrix().tolist()  # rows: actual class, columns: predicted
@@ -463,6 +465,8 @@ def _cpu_threads(n_threads: int) -> Iterator[None]:
 
 
 def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
+    from .callbacks.metrics import AvgStatsCallback
+    from .callbacks.recorder import Recorder
     report.update(epochs=args.epochs, history=[], files={'metrics': METRICS_FILE})
     write_status(args.out, 'running', report)  # from now on the folder says whose files it holds
     start = time.time()
@@ -472,15 +476,15 @@ def _fit_and_write(args: argparse.Namespace, learn: Any, report: dict) -> dict:
         else: learn.fit(args.epochs, resume=resume)
         if resume is not None: report['resumed_from'] = {'epoch': learn.start_epoch, 'batch': learn.start_iter}
         report['time_s']['fit'] = time.time() - start
-        history = learn.avg_stats.history
+        history = learn.find_cb(AvgStatsCallback).history
         final = {k: v for k, v in history[-1].items() if k not in ('epoch', 'time')}
-        lrs = learn.recorder.lrs[-1]
+        lrs = learn.find_cb(Recorder).lrs[-1]
         report.update(final=final, accuracy=final.get('valid_accuracy'), chance_accuracy=1 / learn.data.c_out,
                       history=history, lr={'first': lrs[0], 'max': max(lrs), 'last': lrs[-1]})
         _write_outputs(learn, args.out, report)
     except BaseException as e:  # the epochs that finished, and why the run stopped
         report['time_s'].setdefault('fit', time.time() - start)
-        report['history'] = list(learn.avg_stats.history)
+        report['history'] = list(learn.find_cb(AvgStatsCallback).history)
         status = _stopped_status(e)
         write_status(args.out, status, report, error=e if status == 'failed' else None)
         raise

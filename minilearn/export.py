@@ -41,7 +41,7 @@ from torch import nn
 from . import models
 from .callbacks.device import DeviceCallback
 from .checks import is_class_index_loss
-from .core import callable_name
+from .core import callable_name, unwrap_partial
 from .data import transforms as item_tfms
 from .data.normalize import Normalize, norm_stats
 from .data.transforms import order_tfms
@@ -256,7 +256,7 @@ def _check_arch(arch: str | None, arch_kwargs: Any) -> None:
 
 def arch_path(builder: Any) -> str:
     """`module:qualname` of a class or function (of the function a `functools.partial` wraps)."""
-    while isinstance(builder, functools.partial): builder = builder.func
+    builder = unwrap_partial(builder)
     return f'{builder.__module__}:{builder.__qualname__}'
 
 

@@ -269,6 +269,23 @@ def test_channels_last_during_the_fit_and_the_model_restored_after():
     assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_channels_last_restores_4d_buffers_too():
+    # model.to(memory_format=...) replaces buffers by new tensors: they are restored through their module.
+    x, y = images(16)
+    model = small_cnn()
+    model[0].register_buffer('mask', torch.rand(4, 3, 2, 2))
+    mask = model[0].mask.clone()
+    learn = Learner(model, DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
+    quiet_fit(learn, 1, cbs=[ChannelsLast()])
+    assert model[0].mask.is_contiguous() and torch.equal(model[0].mask, mask)
+
+
+def test_random_resized_crop_names_a_bad_scale_or_ratio():
+    for kwargs in ({'scale': 0.5}, {'scale': (0.9, 0.2)}, {'ratio': 1.0}):
+        with pytest.raises(ValueError, match=r'must be \(low, high\)'):
+            RandomResizedCrop(8, **kwargs)
+
+
 def test_channels_last_outputs_equal_nchw():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()

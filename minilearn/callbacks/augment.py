@@ -160,9 +160,9 @@ class RandomResizedCrop(_BatchAugment):
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
             raise ValueError(f"RandomResizedCrop: size must be a positive int or an (height, width) pair, got {size!r}")
-        if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"RandomResizedCrop: scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
-        if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+        if not (isinstance(ratio, (tuple, list)) and len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"RandomResizedCrop: ratio must be (low, high) with 0 < low <= high, got {ratio!r}")
         self.size, self.scale, self.ratio = tuple(size), tuple(scale), tuple(ratio)
 

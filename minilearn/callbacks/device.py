@@ -66,13 +66,17 @@ class ChannelsLast(Callback):
 
     def __init__(self) -> None:
         self.saved: list | None = None
+        self.saved_buffers: list = []
         self.warned = False
 
     def begin_fit(self) -> None:
         self.warned = False
-        tensors = [t for t in (*self.run.model.parameters(), *self.run.model.buffers()) if t.ndim == 4]
-        self.saved = [(t, _memory_format(t)) for t in tensors]
-        self.run.model.to(memory_format=torch.channels_last)
+        model = self.run.model
+        # Parameters are converted in place; buffers are replaced by new tensors, so they are kept by name.
+        self.saved = [(p, _memory_format(p)) for p in model.parameters() if p.ndim == 4]
+        self.saved_buffers = [(module, name, _memory_format(b)) for module in model.modules()
+                              for name, b in module.named_buffers(recurse=False) if b.ndim == 4]
+        model.to(memory_format=torch.channels_last)
 
     def begin_batch(self) -> None:
         xb = self.run.xb
@@ -92,3 +96,7 @@ class ChannelsLast(Callback):
                 if _memory_format(t) != fmt: t.data = t.data.contiguous(memory_format=fmt)
                 if t.grad is not None and _memory_format(t.grad) != fmt:
                     t.grad = t.grad.contiguous(memory_format=fmt)
+            for module, name, fmt in self.saved_buffers:
+                buffer = getattr(module, name)
+                if _memory_format(buffer) != fmt: setattr(module, name, buffer.contiguous(memory_format=fmt))
+        self.saved_buffers = []
