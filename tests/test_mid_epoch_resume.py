@@ -332,6 +332,29 @@ def test_a_signal_during_validation_stops_at_the_end_of_the_epoch(tmp_path):
     assert len(learn.avg_stats.history) == 1 and safe_load(ckpt.path)['iter'] == 0
 
 
+def test_with_a_plain_dataloader_a_signal_waits_for_the_epoch_end_and_the_checkpoint_resumes(tmp_path):
+    def plain_data():
+        data = linear_data(n_train=N_TRAIN, n_valid=24, bs=BS)
+        data.train_dl = torch.utils.data.DataLoader(data.train_dl.dataset, batch_size=BS, shuffle=True)
+        return data
+
+    def plain_learner(cbs=()):
+        learn = build_learner(tmp_path, cbs=cbs)
+        learn.data = plain_data()
+        return learn
+
+    ckpt = CheckpointCallback('ckpt', signals=[signal.SIGUSR1])
+    log = BatchLog()
+    learn = plain_learner([ckpt, SignalAt(signal.SIGUSR1, (0, 1)), log])
+    with pytest.raises(TrainingInterrupted, match='SIGUSR1 after 1 epoch') as info:
+        train(learn)
+    assert log.seen == [(0, i) for i in range(N_TRAIN // BS)]  # the whole first epoch ran
+    assert safe_load(info.value.checkpoint)['iter'] == 0
+    log = BatchLog()
+    train(plain_learner([log]), resume=info.value.checkpoint)  # the message's advice works
+    assert sorted({epoch for epoch, _ in log.seen}) == list(range(1, EPOCHS))
+
+
 def test_a_second_signal_during_the_save_aborts_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt = CheckpointCallback('ckpt', every_n_batches=1, signals=[signal.SIGUSR1])
     learn = build_learner(tmp_path, cbs=[ckpt, SignalAt(signal.SIGUSR1, (0, 2))])

@@ -244,9 +244,9 @@ class CheckpointCallback(Callback):
 
     While fitting, on one of `signals` (default: SIGTERM, and SIGINT when no one is at a terminal or
     notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
-    learner and raises `TrainingInterrupted`; during validation or the last batch of a training pass it
-    stops at the end of the epoch instead (in the last epoch, the fit just ends). A second signal raises at
-    once (an unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
+    learner and raises `TrainingInterrupted`; during validation, the last batch of a training pass, or with
+    a training loader that cannot resume inside an epoch (a plain DataLoader) it stops at the end of the
+    epoch instead (in the last epoch, the fit just ends). A second signal raises at once (an unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
     main thread and are restored after the fit. With GradientAccumulation, checkpoints wait for the next
     optimizer step. Under DDP every rank keeps its place (rank 0 writes) and the ranks agree on stopping at
     the next checkpoint batch or epoch end.
@@ -267,7 +267,7 @@ class CheckpointCallback(Callback):
         self.written: Path | None = None  # the last checkpoint this callback completed
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
-        self._mark, self._accumulation = 0, None
+        self._mark, self._accumulation, self._mid_epoch = 0, None, False
 
     # ---- fit ----------------------------------------------------------------------------------------
     def begin_fit(self) -> None:
@@ -279,6 +279,7 @@ class CheckpointCallback(Callback):
                              f"get_dls or DataBunch.from_tensors, or checkpoint per epoch only (every_n_batches=None)")
         if self.written is None and self.path.is_file(): self.written = self.path  # a resumed run's own file
         self._signal, self._mark = None, self._batch_mark()
+        self._mid_epoch = has_position(self.run.data.train_dl)  # else a signal waits for the epoch's end
         self._accumulation = self.run.find_cb(GradientAccumulation)
         self._install_handlers()
 
@@ -288,6 +289,7 @@ class CheckpointCallback(Callback):
     def after_batch(self) -> None:
         run = self.run
         if not run.in_train or run.iter + 1 >= run.iters: return  # the epoch's end is checkpointed at after_epoch
+        if not self._mid_epoch: return  # a checkpoint inside the epoch could not be resumed
         acc = self._accumulation
         if acc is not None and acc.n_batches: return  # mid-accumulation: gradients a checkpoint does not hold
         due = self.every_n_batches is not None and self._batch_mark() > self._mark
