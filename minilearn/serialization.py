@@ -314,7 +314,8 @@ def _rng_to_restore(ckpt: dict, path: Path) -> list[Callable[[], None]]:
 
 
 def _loader_to_load(learn: Any, ckpt: dict, path: Path, resume: bool) -> dict | None:
-    # A resume inside an epoch needs the loader at that batch; a plain load only restores what fits.
+    # A resume inside an epoch needs the loader at that batch; a plain load only restores what fits, at the
+    # start of the epoch (its next fit counts whole epochs).
     state, it, dl = ckpt.get('loader'), int(ckpt.get('iter', 0)) if resume else 0, learn.data.train_dl
     if it and not has_position(dl):
         raise CheckpointError(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({it} batches done), "
@@ -322,6 +323,8 @@ def _loader_to_load(learn: Any, ckpt: dict, path: Path, resume: bool) -> dict | 
                               f"load_state_dict. Build the data with DataBunch.from_datasets or get_dls "
                               f"(a ResumableLoader), or DataBunch.from_tensors")
     if state is None or not has_position(dl): return None
+    if not resume and state.get('batches_done'):
+        state = {**state, 'batches_done': 0}  # a plain load's next fit reads that epoch whole, from its first batch
     try:
         _check_loader_state(dl, state)
     except (KeyError, ValueError, TypeError) as e:
@@ -373,8 +376,8 @@ def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, stri
     _check_format(ckpt, path)
     if ckpt.get('iter'):
         warnings.warn(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({ckpt['iter']} batches "
-                      f"done): continue it with learn.fit(epochs, resume=path), which starts at that batch",
-                      stacklevel=3)
+                      f"done): continue it with learn.fit(epochs, resume=path), which starts at that batch (after "
+                      f"this load, the training loader is at the start of epoch {ckpt['epoch']})", stacklevel=3)
     _load_checkpoint(learn, ckpt, path, with_opt=with_opt, strict=strict, resume=False)
 
 

@@ -166,10 +166,20 @@ def test_starting_that_epoch_from_its_first_batch_would_differ(straight, crashed
     torch.manual_seed(99)
     learn = build_learner(tmp_path)
     with pytest.warns(UserWarning, match='resume=path'):
-        learn.load(crashed)
-    learn.data.train_dl.sampler.start = 0  # epoch 1's order, from its first batch
+        learn.load(crashed)  # a plain load: the loader at epoch 1's first batch
     train(learn, start_epoch=1)
     assert not same_weights(weights(learn.model), weights(straight.model))
+
+
+def test_a_plain_load_of_a_mid_epoch_checkpoint_puts_the_loader_at_the_start_of_that_epoch(crashed, tmp_path):
+    learn = build_learner(tmp_path, cbs=[GradientAccumulation(5)])
+    with pytest.warns(UserWarning, match='resume=path'):
+        learn.load(crashed)
+    assert (learn.data.train_dl.state_dict()['epoch'], learn.data.train_dl.state_dict()['batches_done']) == (1, 0)
+    log, steps = BatchLog(), []
+    learn.opt.step = lambda *a, step=learn.opt.step, **k: (steps.append(1), step(*a, **k))[1]
+    learn.fit(1, cbs=[log])
+    assert log.seen == [(0, i) for i in range(N_TRAIN // BS)] and len(steps) == 1  # a whole epoch, its step done
 
 
 def test_resume_errors_are_clear_and_leave_the_learner_unchanged(crashed, tmp_path):
