@@ -12,13 +12,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from helpers import linear_data, mlp
-from minilearn.callbacks.checkpoint import EarlyStoppingCallback, SaveModelCallback
+from minilearn.callbacks.checkpoint import CheckpointCallback, EarlyStoppingCallback, SaveModelCallback
 from minilearn.callbacks.loggers import CSVLogger
 from minilearn.callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy,
                                          f1_score, is_epoch_metric, precision_score, recall_score, top_k_accuracy)
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.data.core import DataBunch, Dataset
-from minilearn.learner import Callback, Learner
+from minilearn.learner import CancelBatchException, Callback, Learner
 
 
 # ---- fixed scores: the model passes its input through, so every prediction is known in advance ---------------
@@ -374,6 +374,37 @@ def test_a_mid_epoch_checkpoint_holds_the_pass_so_far_and_a_resume_gives_the_sam
         AvgStats.fold_every = saved_fold
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
     assert drop_time(resumed.avg_stats.history) == drop_time(straight.avg_stats.history)  # bit for bit
+
+
+def test_a_batch_cancelled_before_the_loss_does_not_make_a_resume_drop_the_saved_part(tmp_path):
+    class SkipFirst(Callback):
+        def begin_batch(self):
+            if self.in_train and (self.epoch, self.iter) == (0, 0): raise CancelBatchException()
+
+    class Stop(Callback):
+        def after_batch(self):
+            if self.in_train and (self.epoch, self.iter) == (0, 3): raise KeyboardInterrupt
+
+    def learner(folder, cbs=()):
+        torch.manual_seed(0)
+        learn = Learner(mlp(), linear_data(n_train=96, bs=16), F.cross_entropy, lr=0.3, path=folder,
+                        cbs=[AvgStatsCallback(metrics_for_resume()), SkipFirst(), *cbs,
+                             CheckpointCallback(every_n_batches=2, signals=None)])
+        learn.logger = lambda *a: None
+        return learn
+
+    straight = learner(tmp_path / 'straight')
+    straight.fit(1)
+    stopped = learner(tmp_path / 'stopped', [Stop()])
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(1)
+    saved = torch.load(tmp_path / 'stopped' / 'models' / 'checkpoint.pth', weights_only=True)
+    assert saved['iter'] == 2 and saved['callbacks']['avg_stats']['partial']['train']['n_batches'] == 1
+    resumed = learner(tmp_path / 'stopped')
+    resumed.fit(1, resume=tmp_path / 'stopped' / 'models' / 'checkpoint.pth')
+    assert resumed.avg_stats.train_stats.count == 96 - 16  # the batch done before the stop is counted
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
+    assert drop_time(resumed.avg_stats.history) == drop_time(straight.avg_stats.history)
 
 
 def test_a_fit_that_starts_the_epoch_again_drops_the_saved_part(tmp_path):

@@ -348,7 +348,7 @@ class AvgStats:
             raise ValueError(f"two metrics are named {twice[0]!r} (one column each): give one another name, "
                              f"e.g. AccumMetric(func, name=...)")
         self._devices: list = [None] * len(self.metrics)
-        self._restored = False
+        self._restored, self._next_iter = False, 0  # a loaded pass, and the loop's index of its next batch
         self.reset()
 
     def reset(self) -> None:
@@ -384,10 +384,10 @@ class AvgStats:
         metric.update(pred, yb)
 
     def _continue(self, run: Any) -> None:
-        # First batch after load_state_dict: the loop continues the saved pass at batch `n_batches` (an exact
+        # First batch after load_state_dict: the loop continues the saved pass at its next batch (an exact
         # resume), or starts it again (then the saved part is dropped). The sums follow the batches' device.
         self._restored = False
-        if getattr(run, 'iter', None) != self.n_batches:
+        if getattr(run, 'iter', None) != self._next_iter:
             self.reset()
             return
         device = getattr(run.loss, 'device', None)
@@ -458,14 +458,18 @@ class AvgStats:
         for m in self.metrics:
             if isinstance(m, AccumMetric): m.all_gather(device)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, next_iter: int | None = None) -> dict:
         """The pass so far (counts, sums, the values not summed yet, whole-pass metrics' states), on the CPU.
+
+        `next_iter` is the loop's index of the pass's next batch (by default the number of batches seen; more
+        when a batch was cancelled before its loss): a resume that starts there continues the pass.
 
         The values not summed yet are kept as they are, so a resumed pass sums them in the same order as an
         uninterrupted one (bit-identical figures). A whole-pass metric other than AccumMetric is saved through its
         own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
         """
-        return {'count': self.count, 'n_batches': self.n_batches, 'tot_loss': _to_host(self._tot_loss),
+        return {'count': self.count, 'n_batches': self.n_batches,
+                'next_iter': self.n_batches if next_iter is None else int(next_iter), 'tot_loss': _to_host(self._tot_loss),
                 'tot_avg': [_to_host(v) for v in self._tot_avg],
                 'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
                 'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
@@ -478,7 +482,7 @@ class AvgStats:
                              f"{len(self.metrics)} ({', '.join(self.names[1:])}): build it with the same metrics")
         self.reset()
         self.count, self.n_batches, self._tot_loss = int(state['count']), int(state['n_batches']), state['tot_loss']
-        self._tot_avg = list(state['tot_avg'])
+        self._tot_avg, self._next_iter = list(state['tot_avg']), int(state.get('next_iter', state['n_batches']))
         self._pending = [(int(bn), loss, list(values)) for bn, loss, values in state['pending']]
         for m, saved in zip(self.metrics, state['metrics']):
             if saved is not None and callable(getattr(m, 'load_state_dict', None)): m.load_state_dict(saved)
@@ -548,7 +552,9 @@ class AvgStatsCallback(Callback):
         """`history`, and inside an epoch the passes so far (sums, AccumMetric predictions) for an exact resume."""
         state: dict = {'history': [dict(r) for r in self.history]}
         if self._open_epoch is not None:
-            state['partial'] = {'epoch': self._open_epoch, 'train': self.train_stats.state_dict(),
+            run = self.run
+            next_iter = run.iter + 1 if run.in_train else None  # the batch a checkpoint written now resumes at
+            state['partial'] = {'epoch': self._open_epoch, 'train': self.train_stats.state_dict(next_iter),
                                 'valid': self.valid_stats.state_dict()}
         return state
 
