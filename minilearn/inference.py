@@ -19,6 +19,7 @@ from .checks import is_class_index_loss
 from .core import batch_size, callable_name, model_device, to_device, unwrap_loss
 from .data.items import open_image
 from .data.normalize import norm_stats
+from .data.sampler import one_batch
 from .data.transforms import compose
 from .losses import NoneReduce
 
@@ -388,7 +389,7 @@ def _first_batch(dl: Any) -> Any:
         items = [dl.dataset[i] for i in range(min(dl.batch_size, len(dl.dataset)))]
         if not items: raise ValueError("summary: the training dataset is empty")
         return dl.collate_fn(items)
-    return next(iter(dl))
+    return one_batch(dl)
 
 
 def _shape_of(o: Any) -> str:

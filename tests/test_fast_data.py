@@ -12,7 +12,7 @@ from minilearn import (CancelTrainException, ChannelsLast, DataBunch, Dataset, L
                        RandomFlip, RandomResizedCrop, TensorLoader, make_rgb, label_image_folder, save_shapes_folder,
                        shard_loader, to_byte_tensor, to_float_tensor)
 from minilearn.callback import Callback
-from minilearn.callbacks.transforms import BatchTransformXCallback
+from minilearn.callbacks.transforms import BatchTransformXCallback, channel_stats
 
 
 def images(n=40, c=3, h=8, w=8, seed=0):
@@ -82,6 +82,24 @@ def test_show_batch_leaves_the_training_order_alone():
     assert data.train_dl.state_dict() == state
     xb, yb = next(iter(data.train_dl))
     assert data.train_dl.epoch == 1 and torch.equal(yb, first[1]) and torch.equal(yb, y[data.train_dl.order(0)[:4]])
+
+
+def test_show_batch_and_channel_stats_leave_a_resumable_loader_and_the_global_generator_alone():
+    x, y = images(20)
+    data = DataBunch.from_datasets(Dataset(x, y), Dataset(x, y), bs=4, seed=1)
+    state, rng = data.train_dl.state_dict(), torch.get_rng_state()
+    first = data.train_dl.one_batch()
+    data.show_batch(n=4)
+    mean, std = channel_stats(data.train_dl)
+    assert data.train_dl.state_dict() == state and torch.equal(torch.get_rng_state(), rng)
+    assert torch.allclose(mean, x.double().mean((0, 2, 3)).float())  # the whole set, not one batch
+    xb, yb = next(iter(data.train_dl))  # epoch 0 is still the next one
+    assert torch.equal(yb, first[1]) and torch.equal(yb, y[data.train_dl.sampler.order(0)[:4]])
+    plain = DataBunch(DataLoader(Dataset(x, y), batch_size=4, shuffle=True), None)
+    rng = torch.get_rng_state()
+    plain.show_batch(n=4)
+    channel_stats(plain.train_dl, n_batches=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # a shuffling DataLoader's draws are undone
 
 
 def test_the_default_seed_comes_from_torch_global_generator():

@@ -442,7 +442,7 @@ def test_a_loader_read_partly_before_fitting_gives_whole_epochs(tmp_path):
     """show_batch / channel_stats / summary read a batch or two; the LR finder puts the position back after its
     sweep: neither shortens an epoch of the next fit."""
     learn = build_learner(tmp_path, cbs=[BatchLog()])
-    next(iter(learn.data.train_dl))  # what DataBunch.show_batch does
+    next(iter(learn.data.train_dl))  # a dropped iteration (show_batch itself keeps the position)
     assert learn.data.train_dl.state_dict()['batches_done'] == 0
     learn.lr_find(max_iter=3)
     learn.batch_log.seen = []

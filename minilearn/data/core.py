@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .sampler import ResumableLoader, _draw_seed
+from .sampler import ResumableLoader, _draw_seed, one_batch
 from .transforms import show_batch
 
 __all__ = ['Dataset', 'DataBunch', 'get_dls', 'TensorLoader']
@@ -128,11 +128,7 @@ class TensorLoader:
 
     def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first batch of the next epoch, leaving the loader's position as it is (show_batch)."""
-        position = self.epoch, self._skip, self._iter_epoch, self._done, self._current
-        try:
-            return next(iter(self))
-        finally:
-            self.epoch, self._skip, self._iter_epoch, self._done, self._current = position
+        return one_batch(self)
 
     def state_dict(self) -> dict:
         """The position between batches: seed, the epoch being read and how many of its batches were yielded."""
@@ -263,7 +259,7 @@ class DataBunch:
         """
         dl = self.valid_dl if valid else self.train_dl
         if dl is None: raise ValueError("this DataBunch has no validation loader; use show_batch(valid=False)")
-        xb, yb = dl.one_batch() if isinstance(dl, TensorLoader) else next(iter(dl))
+        xb, yb = one_batch(dl)
         return show_batch(xb, yb, vocab=self.vocab, n=n, norm=norm, **kwargs)
 
     def __repr__(self) -> str:

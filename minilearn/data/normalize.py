@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .sampler import position_kept
+
 __all__ = ['normalize_chan', 'Normalize', 'norm_stats', 'tfm_stats', 'channel_stats']
 
 
@@ -75,15 +77,17 @@ def norm_stats(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def channel_stats(dl: Iterable, n_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over the inputs of a DataLoader (all of it, or its first `n_batches`)."""
+    """Per-channel mean and std over the inputs of a DataLoader (all of it, or its first `n_batches`), leaving
+    the loader's position (and torch's random state) as they were."""
     total = total_sq = None
     count = 0
-    for i, (xb, _) in enumerate(dl):
-        if n_batches is not None and i >= n_batches: break
-        xb = xb.double().transpose(0, 1).reshape(xb.shape[1], -1)
-        total = xb.sum(1) if total is None else total + xb.sum(1)
-        total_sq = (xb * xb).sum(1) if total_sq is None else total_sq + (xb * xb).sum(1)
-        count += xb.shape[1]
+    with position_kept(dl):
+        for i, (xb, _) in enumerate(dl):
+            if n_batches is not None and i >= n_batches: break
+            xb = xb.double().transpose(0, 1).reshape(xb.shape[1], -1)
+            total = xb.sum(1) if total is None else total + xb.sum(1)
+            total_sq = (xb * xb).sum(1) if total_sq is None else total_sq + (xb * xb).sum(1)
+            count += xb.shape[1]
     if not count: raise ValueError("channel_stats: the DataLoader gave no batches")
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()

@@ -8,6 +8,7 @@ already done without loading them.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ['ResumableSampler', 'ResumableLoader', 'LOADER_SETTINGS']
+__all__ = ['ResumableSampler', 'ResumableLoader', 'LOADER_SETTINGS', 'position_kept', 'one_batch']
 
 # DataLoader settings carried over when a loader is rebuilt with another sampler (shards, resumable loaders).
 LOADER_SETTINGS = ('num_workers', 'collate_fn', 'pin_memory', 'drop_last', 'timeout', 'worker_init_fn',
@@ -28,6 +29,29 @@ _STATE_KEYS = ('seed', 'epoch', 'batches_done')
 def _draw_seed(generator: torch.Generator | None = None) -> int:
     """A seed drawn once from `generator` (torch's global generator when None)."""
     return int(torch.randint(0, 2 ** 62, (), generator=generator))
+
+
+@contextlib.contextmanager
+def position_kept(dl: Any) -> Iterator[Any]:
+    """Read `dl` inside the block without moving it: its position (a loader with `state_dict`/`load_state_dict`)
+    and torch's CPU random state (which a shuffling DataLoader draws from) are put back after."""
+    resumable = callable(getattr(dl, 'state_dict', None)) and callable(getattr(dl, 'load_state_dict', None))
+    state = dl.state_dict() if resumable else None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield dl
+        finally:
+            if state is not None: dl.load_state_dict(state)
+
+
+def one_batch(dl: Any) -> Any:
+    """The first batch of `dl`'s next epoch, leaving the loader where it was (show_batch, summaries)."""
+    with position_kept(dl):
+        batches = iter(dl)
+        try:
+            return next(batches)
+        finally:
+            if callable(getattr(batches, 'close', None)): batches.close()  # ends the iteration inside the block
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -115,9 +139,13 @@ class ResumableLoader(DataLoader):
                 if self._current is token: self._done += 1
                 yield batch
         finally:
-            # Finished, or dropped after a few batches (show_batch, channel_stats): the sampler has moved on,
-            # so the position is the next epoch's start.
+            # Finished, or dropped after a few batches: the sampler has moved on, so the position is the next
+            # epoch's start (show_batch and channel_stats read through position_kept, which puts it back).
             if self._current is token: self._iter_epoch = self._current = None
+
+    def one_batch(self) -> Any:
+        """The first batch of the next epoch, leaving the loader's position as it is (show_batch)."""
+        return one_batch(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield epoch `epoch` (the DistributedSampler convention)."""
