@@ -93,6 +93,7 @@ def do_nothing(*args: Any, **kwargs: Any) -> None:
     """A logger (or handler) that does nothing: `--quiet`, and ranks other than 0."""
 
 
-def is_interactive() -> bool:
-    """True in a notebook or when stdout is a terminal: where progress bars belong."""
-    return bool(IN_NOTEBOOK) or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+def is_interactive(stream: Any = None) -> bool:
+    """True in a notebook or when `stream` (default: the current sys.stdout) is a terminal."""
+    stream = sys.stdout if stream is None else stream
+    return bool(IN_NOTEBOOK) or bool(getattr(stream, 'isatty', lambda: False)())
