@@ -588,6 +588,14 @@ def test_sigint_is_a_clean_stop_only_without_a_terminal(tmp_path, monkeypatch):
     assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
 
 
+def test_signals_accepts_one_signal_and_refuses_others_at_once():
+    assert CheckpointCallback(signals=signal.SIGUSR1).signals == [signal.SIGUSR1]
+    assert CheckpointCallback(signals=None).signals == [] and CheckpointCallback().signals == 'default'
+    for bad in ('SIGTERM', 'sigterm', [signal.SIGTERM, 'x'], 12345, 1.5, True):
+        with pytest.raises(ValueError, match=r"signals must be 'default', None, a signal or a list"):
+            CheckpointCallback(signals=bad)
+
+
 # ---- the command line: a real SIGTERM, then --resume, against a run never interrupted ----------------------
 CLI_ARGS = ['train', '--n-per-class', '30', '--size', '12', '--bs', '6', '--epochs', '2', '--one-cycle',
             '--mixup', '0.4', '--label-smoothing', '0.1', '--quiet']  # 50 training batches per epoch

@@ -15,11 +15,10 @@ import torch
 import torch.distributed as dist
 
 from ..callback import Callback, CancelTrainException, Order, resuming
-from ..core import model_device
+from ..core import is_interactive, model_device
 from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
 from .metrics import AvgStatsCallback
 from .precision import GradientAccumulation
-from .progress import IN_NOTEBOOK
 
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'CheckpointCallback', 'TrainingInterrupted',
            'EarlyStoppingCallback', 'TerminateOnNaNCallback']
@@ -224,13 +223,23 @@ class TrainingInterrupted(KeyboardInterrupt):
         return 128 + int(self.signum)
 
 
-def _interactive() -> bool:
-    # Someone who can press Ctrl-C wants it to stop at once; a scheduler's SIGINT is a request to stop cleanly.
-    return IN_NOTEBOOK or bool(getattr(sys.stdin, 'isatty', lambda: False)())
-
-
 def _default_signals() -> list[int]:
-    return [signal.SIGTERM] + ([] if _interactive() else [signal.SIGINT])
+    # Someone who can press Ctrl-C wants it to stop at once; a scheduler's SIGINT is a request to stop cleanly.
+    return [signal.SIGTERM] + ([] if is_interactive(sys.stdin) else [signal.SIGINT])
+
+
+def _signal_list(signals: Any) -> list[int] | str:
+    """`signals` as CheckpointCallback keeps it: 'default', or a list of valid signal numbers (one alone is accepted)."""
+    if isinstance(signals, str):
+        if signals == 'default': return signals
+        raise ValueError(f"signals must be 'default', None, a signal or a list of signals, got {signals!r}")
+    if signals is None: return []
+    signals = list(signals) if isinstance(signals, (list, tuple, set, frozenset)) else [signals]
+    bad = [s for s in signals if isinstance(s, bool) or not isinstance(s, int) or s not in signal.valid_signals()]
+    if bad:
+        raise ValueError(f"signals must be 'default', None, a signal or a list of signals (signal.SIGTERM...), "
+                         f"got {bad[0]!r}")
+    return [signal.Signals(s) for s in signals]
 
 
 def _distributed() -> bool:
@@ -242,8 +251,8 @@ class CheckpointCallback(Callback):
     epoch) and at the end of every epoch, written atomically to `fname` (a bare name means
     `<learn.path>/<learn.model_dir>/<fname>.pth`). Continue with `learn.fit(epochs, resume=path)`.
 
-    While fitting, on one of `signals` (default: SIGTERM, and SIGINT when no one is at a terminal or
-    notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
+    While fitting, on one of `signals` (a signal or a list; default: SIGTERM, and SIGINT when no one is at a
+    terminal or notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
     learner and raises `TrainingInterrupted`; during validation, the last batch of a training pass, or with
     a training loader that cannot resume inside an epoch (a plain DataLoader) it stops at the end of the
     epoch instead (in the last epoch, the fit just ends). A second signal raises at once (an unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
@@ -255,14 +264,13 @@ class CheckpointCallback(Callback):
     run_during_lr_find = False
 
     def __init__(self, fname: str | Path = 'checkpoint', every_n_batches: int | None = None, every_epoch: bool = True,
-                 signals: Sequence[int] | None | str = 'default'):
+                 signals: int | Sequence[int] | None | str = 'default'):
         if every_n_batches is not None and (isinstance(every_n_batches, bool) or not isinstance(every_n_batches, int)
                                             or every_n_batches < 1):
             raise ValueError(f"every_n_batches must be a positive int (training batches between checkpoints) or None, "
                              f"got {every_n_batches!r}")
-        if isinstance(signals, str) and signals != 'default':
-            raise ValueError(f"signals must be 'default', None or a list of signal numbers, got {signals!r}")
-        self.fname, self.every_n_batches, self.every_epoch, self.signals = fname, every_n_batches, every_epoch, signals
+        self.fname, self.every_n_batches, self.every_epoch = fname, every_n_batches, every_epoch
+        self.signals = _signal_list(signals)
         self.path: Path | None = None
         self.written: Path | None = None  # the last checkpoint this callback completed
         self._signal: int | None = None
@@ -335,7 +343,7 @@ class CheckpointCallback(Callback):
 
     # ---- signal handlers ----------------------------------------------------------------------------
     def _install_handlers(self) -> None:
-        signals = _default_signals() if self.signals == 'default' else list(self.signals or [])
+        signals = _default_signals() if self.signals == 'default' else self.signals
         if not signals or threading.current_thread() is not threading.main_thread(): return
         for signum in signals: self._previous[signum] = signal.signal(signum, self._on_signal)
 
