@@ -1,6 +1,7 @@
 """The Learner: the training loop and its ordered callback system (course-v3 dl2 protocol)."""
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,17 +36,26 @@ def _check_lr(lr: Any) -> None:
     check_positive('lr', lr)
 
 
-class _ModelSnapshot:
-    """The model's buffers (BatchNorm statistics...) and train/eval modes, to undo a fit that failed before any step."""
+class _FitSnapshot:
+    """The learner's optimizer, the model's buffers (BatchNorm statistics...) and train/eval modes, and with
+    `loaded` (a resume loads them) the weights, optimizer state and counters: to undo a fit that failed before
+    any step."""
 
-    def __init__(self, model: nn.Module):
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    def __init__(self, learn: Learner, loaded: bool):
+        model, self.learn, self.opt = learn.model, learn, learn.opt
+        tensors = [*model.parameters(), *model.buffers()] if loaded else list(model.buffers())
+        self.tensors = [(t, t.detach().clone()) for t in tensors]
         self.modes = [(m, m.training) for m in model.modules()]
+        self.opt_state = copy.deepcopy(self.opt.state_dict()) if loaded and self.opt is not None else None
+        self.counters = learn.n_epochs, learn.n_iter
 
     def restore(self) -> None:
         with torch.no_grad():
-            for buffer, saved in self.buffers: buffer.copy_(saved)
+            for tensor, saved in self.tensors: tensor.copy_(saved)
         for module, training in self.modes: module.training = training
+        self.learn.opt = self.opt
+        if self.opt_state is not None: self.opt.load_state_dict(self.opt_state)
+        self.learn.n_epochs, self.learn.n_iter = self.counters
 
 
 def _with_message(exc: BaseException, text: str) -> BaseException:
@@ -221,10 +231,14 @@ class Learner:
 
         `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s) to load first and continue from
         where it was written, inside an epoch included; the run then ends as the uninterrupted one would.
+        A fit that fails before its first optimizer step leaves the model, optimizer and step counters as they
+        were (what a resume loaded included; the callback states, random generators and loader position it
+        loaded stay).
         """
         self._check_fit_args(epochs, start_epoch)
         cbs = listify(cbs)
         added, self.start_iter = [], 0
+        before = _FitSnapshot(self, loaded=resume is not None)
         try:
             for cb in cbs:
                 self.add_cb(cb)
@@ -234,7 +248,6 @@ class Learner:
         except Exception:
             self.remove_cbs(added)
             raise
-        previous_opt, model_before = self.opt, _ModelSnapshot(self.model)
         failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
@@ -248,9 +261,7 @@ class Learner:
             self('after_cancel_train')
         except BaseException as e:
             failure = e
-            if not self._stepped:  # failed before any step: leave the learner as it was
-                self.opt = previous_opt
-                model_before.restore()
+            if not self._stepped: before.restore()  # failed before any step: leave the learner as it was
             raise
         finally:
             try:

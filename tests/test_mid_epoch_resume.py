@@ -202,6 +202,23 @@ def test_resume_errors_are_clear_and_leave_the_learner_unchanged(crashed, tmp_pa
     assert same_weights(weights(learn.model), before) and len(learn.cbs) == len(plain.cbs)
 
 
+def test_a_resumed_fit_that_fails_before_any_step_leaves_the_learner_as_it_was(crashed, tmp_path):
+    class FailsToBegin(Callback):
+        def begin_fit(self): raise RuntimeError('no GPU today')
+
+    torch.manual_seed(7)
+    learn = build_learner(tmp_path)
+    learn.fit(1)  # an optimizer with state of its own
+    model_before, opt_before = weights(learn.model), learn.opt.state_dict()
+    exp_avg = [s['exp_avg'].clone() for s in opt_before['state'].values()]
+    counters, opt = (learn.n_epochs, learn.n_iter), learn.opt
+    with pytest.raises(RuntimeError, match='no GPU today'):
+        learn.fit(EPOCHS, cbs=[FailsToBegin()], resume=crashed)
+    assert same_weights(weights(learn.model), model_before) and learn.opt is opt
+    assert all(torch.equal(s['exp_avg'], e) for s, e in zip(learn.opt.state_dict()['state'].values(), exp_avg))
+    assert (learn.n_epochs, learn.n_iter) == counters != (1, 8)
+
+
 def test_with_gradient_accumulation_checkpoints_wait_for_the_step(tmp_path):
     torch.manual_seed(0)
     straight = build_learner(tmp_path / 'straight', cbs=[GradientAccumulation(2)])
