@@ -229,7 +229,7 @@ def _default_signals() -> list[int]:
 
 
 def _signal_list(signals: Any) -> list[int] | str:
-    """`signals` as CheckpointCallback keeps it: 'default', or a list of valid signal numbers (one alone is accepted)."""
+    """`signals` as CheckpointCallback keeps it: 'default', or a list of signals (from one, a list or None)."""
     if isinstance(signals, str):
         if signals == 'default': return signals
         raise ValueError(f"signals must be 'default', None, a signal or a list of signals, got {signals!r}")
@@ -252,10 +252,11 @@ class CheckpointCallback(Callback):
     `<learn.path>/<learn.model_dir>/<fname>.pth`). Continue with `learn.fit(epochs, resume=path)`.
 
     While fitting, on one of `signals` (a signal or a list; default: SIGTERM, and SIGINT when no one is at a
-    terminal or notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit` restore the
-    learner and raises `TrainingInterrupted`; during validation, the last batch of a training pass, or with
-    a training loader that cannot resume inside an epoch (a plain DataLoader) it stops at the end of the
-    epoch instead (in the last epoch, the fit just ends). A second signal raises at once (an unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
+    terminal or notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit`
+    restore the learner and raises `TrainingInterrupted`; during validation, the last batch of a training
+    pass, or with a training loader that cannot resume inside an epoch (a plain DataLoader) it stops at the
+    end of the epoch instead (in the last epoch, the fit just ends). A second signal raises at once (an
+    unfinished write leaves the previous checkpoint intact). Handlers are only installed from the
     main thread and are restored after the fit. With GradientAccumulation, checkpoints wait for the next
     optimizer step. Under DDP every rank keeps its place (rank 0 writes) and the ranks agree on stopping at
     the next checkpoint batch or epoch end.

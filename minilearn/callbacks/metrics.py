@@ -469,8 +469,8 @@ class AvgStats:
         own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
         """
         return {'count': self.count, 'n_batches': self.n_batches,
-                'next_iter': self.n_batches if next_iter is None else int(next_iter), 'tot_loss': _to_host(self._tot_loss),
-                'tot_avg': [_to_host(v) for v in self._tot_avg],
+                'next_iter': self.n_batches if next_iter is None else int(next_iter),
+                'tot_loss': _to_host(self._tot_loss), 'tot_avg': [_to_host(v) for v in self._tot_avg],
                 'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
                 'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
                             for m, is_epoch in zip(self.metrics, self._epoch)]}
