@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .sampler import ResumableLoader, _draw_seed, one_batch
+from .sampler import ResumableLoader, _draw_seed, epoch_order, one_batch
 from .transforms import show_batch
 
 __all__ = ['Dataset', 'DataBunch', 'get_dls', 'TensorLoader']
@@ -93,16 +93,8 @@ class TensorLoader:
 
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """The indices (on the CPU) this rank reads in `epoch` (the next epoch by default), in order."""
-        epoch = self.epoch if epoch is None else epoch
-        n = len(self.dataset)
-        if self.shuffle:
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            idx = torch.arange(n)
-        if self.pad and n:
-            total = math.ceil(n / self.world_size) * self.world_size
-            idx = torch.cat([idx] * math.ceil(total / n))[:total]
-        return idx[self.rank::self.world_size]
+        return epoch_order(len(self.dataset), self.seed, self.epoch if epoch is None else epoch, self.shuffle,
+                           self.rank, self.world_size, self.pad)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield epoch `epoch`'s order (the DistributedSampler convention)."""

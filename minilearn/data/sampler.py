@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ['ResumableSampler', 'ResumableLoader', 'LOADER_SETTINGS', 'position_kept', 'one_batch']
+__all__ = ['ResumableSampler', 'ResumableLoader', 'LOADER_SETTINGS', 'epoch_order', 'position_kept', 'one_batch']
 
 # DataLoader settings carried over when a loader is rebuilt with another sampler (shards, resumable loaders).
 LOADER_SETTINGS = ('num_workers', 'collate_fn', 'pin_memory', 'drop_last', 'timeout', 'worker_init_fn',
@@ -60,6 +60,17 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                pad: bool = False) -> torch.Tensor:
+    """The item indices one rank reads in `epoch`: a permutation seeded by `seed + epoch` (or 0..n-1), padded by
+    repetition to a multiple of `world_size` when `pad`, then every `world_size`-th from `rank`."""
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    if pad and n:
+        total = math.ceil(n / world_size) * world_size
+        idx = torch.cat([idx] * math.ceil(total / n))[:total]
+    return idx[rank::world_size]
+
+
 class ResumableSampler(Sampler[int]):
     """Epoch e's item indices: a permutation seeded with `seed + e` (or dataset order), one rank's share of it
     under DDP (padded as DistributedSampler pads, so every rank has as many), from item `start` on.
@@ -82,14 +93,8 @@ class ResumableSampler(Sampler[int]):
 
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """The indices this rank reads in `epoch` (the next epoch by default), in order, from the first."""
-        epoch = self.epoch if epoch is None else epoch
-        n = self.n_items
-        idx = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle
-               else torch.arange(n))
-        if self.pad and n:
-            total = math.ceil(n / self.world_size) * self.world_size
-            idx = torch.cat([idx] * math.ceil(total / n))[:total]
-        return idx[self.rank::self.world_size]
+        return epoch_order(self.n_items, self.seed, self.epoch if epoch is None else epoch, self.shuffle,
+                           self.rank, self.world_size, self.pad)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield epoch `epoch` (the DistributedSampler convention)."""
