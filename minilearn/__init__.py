@@ -30,6 +30,7 @@ __all__ = [
     # regularization
     'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
+    'GeneralizedCrossEntropy', 'SymmetricCrossEntropy',
     # data
     'Dataset', 'DataBunch', 'get_dls', 'TensorLoader', 'ResumableLoader', 'ResumableSampler', 'image_extensions', 'get_files', 'ItemList', 'ImageList',
     'open_image',
@@ -42,6 +43,7 @@ __all__ = [
     'SHAPE_NAMES', 'make_shapes', 'ShapesDataset', 'shapes_datasets', 'shapes_databunch', 'save_shapes_folder',
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
+    'out_of_fold_probs', 'stratified_folds', 'dataset_labels', 'clean_dataset', 'RelabeledDataset',
     # performance and scale
     'ChannelsLast', 'RandomCropPad', 'RandomFlip', 'RandomResizedCrop',
     'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',

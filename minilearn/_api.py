@@ -33,9 +33,11 @@ from .serialization import CheckpointError, atomic_write, safe_load
 from .data.shapes import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
 from .export import Predictor, UnsafeArtifactError, export_learner, load_learner, load_predictor
 from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
-from .losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
-                     SoftTargetCrossEntropy, lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
-from .noisy import LabelIssues, NoisyLabels, add_label_noise, find_label_issues, inject_label_noise
+from .losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
+                     SoftBootstrappingLoss, SoftTargetCrossEntropy, SymmetricCrossEntropy, lin_comb, loss_reduction,
+                     reduce_loss, smooth_one_hot)
+from .noisy import (LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise, clean_dataset, dataset_labels,
+                    find_label_issues, inject_label_noise, out_of_fold_probs, stratified_folds)
 from .models import (GeneralRelu, Lambda, adapt_model, conv_layer, flatten, get_cnn_layers, get_cnn_model, init_cnn,
                      resnet18_cifar, resnet34_cifar)
 from . import datasets

@@ -1,4 +1,4 @@
-"""Loss helpers: mixing and reducing losses, per-item losses, label smoothing, soft targets, bootstrapping.
+"""Loss helpers: mixing and reducing losses, per-item losses, label smoothing, soft targets, noise-robust losses.
 
 Target validation policy: shapes, dtypes, `eps`, `beta` and the reduction are checked on every call
 (pure Python on shapes, free). The class-index losses never read target values on the normal path
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['REDUCTIONS', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
-           'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss']
+           'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
+           'GeneralizedCrossEntropy', 'SymmetricCrossEntropy']
 
 REDUCTIONS = ('mean', 'sum', 'none')
 
@@ -341,3 +342,83 @@ class HardBootstrappingLoss(_BootstrappingLoss):
     def _self_term(log_probs: torch.Tensor) -> torch.Tensor:
         # log_softmax is monotonic, so its max is the log-probability of the predicted class
         return -log_probs.max(1).values
+
+
+# ---- noise-robust losses ----------------------------------------------------------------------------
+class _WeightedClassIndexLoss(_ClassIndexLoss):
+    """A per-item loss of (log-probabilities, targets), weighted per class as `F.cross_entropy` does."""
+
+    def __init__(self, reduction: str, ignore_index: int, weight: Any):
+        super().__init__(reduction, ignore_index)
+        self.register_buffer('weight', _check_weight(weight))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        unbatched = isinstance(input, torch.Tensor) and input.ndim == 1
+        log_probs, target, ignored = self._log_probs(input, target)
+        name = type(self).__name__
+        loss = self._per_item(log_probs, -_nll(log_probs, target, name))
+        if self.weight is None: return self._reduce(loss, ignored, unbatched)
+        if self.weight.shape[0] != log_probs.shape[1]:
+            raise ValueError(f"{name}: weight has {self.weight.shape[0]} entries but the input has "
+                             f"{log_probs.shape[1]} classes; give one weight per class")
+        w = self.weight.to(device=input.device, dtype=log_probs.dtype)[target].masked_fill(ignored, 0.)
+        return self._reduce(loss * w, ignored, unbatched, denominator=w.sum())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={'None' if self.weight is None else 'tensor'}"
+
+
+class GeneralizedCrossEntropy(_WeightedClassIndexLoss):
+    """Zhang & Sabuncu's generalized cross entropy (1 − p_y^q)/q: cross entropy as q → 0, MAE (·½) at q = 1.
+
+    Class-index targets (N, d1, ...) for (N, C, d1, ...) scores; `ignore_index` items count neither in
+    the loss nor in the 'mean' denominator; `weight` (one per class) scales each item's loss by its
+    target's weight and 'mean' divides by the kept items' summed weights, as `F.cross_entropy` does.
+    """
+
+    def __init__(self, q: float = 0.7, reduction: str = 'mean', ignore_index: int = -100, weight: Any = None):
+        super().__init__(reduction, ignore_index, weight)
+        self.q = q
+
+    @property
+    def q(self) -> float:
+        """The exponent q, in (0, 1]."""
+        return self._q
+
+    @q.setter
+    def q(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 < value <= 1:
+            raise ValueError(f"q must be a number in (0, 1] (q -> 0 is cross entropy), got {value!r}")
+        self._q = float(value)
+
+    def _per_item(self, log_probs: torch.Tensor, log_p_target: torch.Tensor) -> torch.Tensor:
+        # -expm1(q·log p)/q == (1 − p^q)/q, accurate for p near 1 where 1 − p^q cancels
+        return -torch.expm1(self.q * log_p_target) / self.q
+
+    def extra_repr(self) -> str:
+        return f"q={self.q}, {super().extra_repr()}"
+
+
+class SymmetricCrossEntropy(_WeightedClassIndexLoss):
+    """Wang et al.'s symmetric cross entropy α·CE(p, y) + β·RCE, RCE = −Σ_c p_c·log q_c with log 0 clipped to `A` = −4.
+
+    With a one-hot target RCE is −A·(1 − p_y). Defaults are the paper's CIFAR-10 values (α 0.1, β 1).
+    Targets, `ignore_index`, `weight` and reductions as in `GeneralizedCrossEntropy`.
+    """
+
+    def __init__(self, alpha: float = 0.1, beta: float = 1.0, reduction: str = 'mean', ignore_index: int = -100,
+                 weight: Any = None, A: float = -4.0):
+        super().__init__(reduction, ignore_index, weight)
+        for name, value in (('alpha', alpha), ('beta', beta)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if isinstance(A, bool) or not isinstance(A, Real) or not math.isfinite(A) or A >= 0:
+            raise ValueError(f"A (the clipped log 0 of the reverse term) must be a negative number, got {A!r}")
+        self.alpha, self.beta, self.A = float(alpha), float(beta), float(A)
+
+    def _per_item(self, log_probs: torch.Tensor, log_p_target: torch.Tensor) -> torch.Tensor:
+        rce = -self.A * (1 - log_p_target.exp())
+        return self.alpha * -log_p_target + self.beta * rce
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, A={self.A}, {super().extra_repr()}"

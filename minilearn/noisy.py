@@ -1,16 +1,47 @@
-"""Learning with noisy labels: inject label noise reproducibly, and rank items by how likely they are mislabeled."""
+"""Learning with noisy labels: inject noise, out-of-fold probabilities, confident learning, clean and retrain.
+
+The workflow (Northcutt et al., "Confident Learning", JAIR 2021):
+
+    probs = out_of_fold_probs(make_learner, train_ds, k=5, epochs=...)   # each row from a model that never saw it
+    labels = dataset_labels(train_ds)
+    is_issue = find_label_issues(labels=labels, pred_probs=probs)        # confident learning, cleanlab's semantics
+    LabelIssues.from_probs(probs, labels, dataset=train_ds, mask=is_issue).show(9)
+    clean_ds = clean_dataset(train_ds, is_issue)                         # or action='relabel', pred_probs=probs
+    learn = make_learner(DataBunch.from_datasets(clean_ds, valid_ds, bs=...)); learn.fit(...)
+
+Why confident learning is handed to `cleanlab` rather than written here: cleanlab is the field's
+well-kept reference implementation (per-class thresholds, the calibrated confident joint, the five
+`filter_by` rules, the ranking scores and their edge cases: classes without confident items, rounding
+of the per-class counts, `min_examples_per_class`). A copy here would have to track it release by
+release and could only be checked against it anyway. So `find_label_issues(labels=..., pred_probs=...)`
+converts minilearn's tensors, calls `cleanlab.filter.find_label_issues` with the same keywords and
+returns its answer as a tensor; cleanlab is an optional extra (`pip install minilearn[cleanlab]`) and
+its absence is a clear ImportError naming that command. What minilearn owns is what cleanlab leaves
+to the training framework: the out-of-fold probabilities (stratified folds, a fresh learner per fold,
+predictions without MixUp or augmentation) and the in-sample loss ranking `find_label_issues(learn, dl)`.
+"""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+from fastprogress.fastprogress import progress_bar
+from torch.utils.data import DataLoader, Subset
 
-from .inference import get_preds
+from .core import is_interactive
+from .data.core import DataBunch
+from .data.transforms import show_image
+from .inference import _grid, get_preds
 
-__all__ = ['NoisyLabels', 'inject_label_noise', 'add_label_noise', 'LabelIssues', 'find_label_issues']
+if TYPE_CHECKING:
+    from .learner import Learner
+
+__all__ = ['NoisyLabels', 'inject_label_noise', 'add_label_noise', 'LabelIssues', 'find_label_issues',
+           'dataset_labels', 'stratified_folds', 'out_of_fold_probs', 'clean_dataset', 'RelabeledDataset']
 
 
 class NoisyLabels(NamedTuple):
@@ -124,23 +155,333 @@ def add_label_noise(data: Any, noise_ratio: float, n_classes: int | None = None,
     return result
 
 
+# ---- labels and folds ----------------------------------------------------------------------------
+def dataset_labels(data: Any) -> torch.Tensor:
+    """The class index of every item of a map-style `(x, y)` dataset, in dataset order, as a 1-D int64 tensor.
+
+    Read from `targets` (torchvision), `y.items` (LabeledData), `y` (Dataset) or through a `Subset`
+    without loading the inputs; any other dataset is indexed item by item.
+    """
+    if isinstance(data, Subset):
+        return dataset_labels(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.long)]
+    try:
+        owner, attr, _ = _label_slot(data)
+        labels = getattr(owner, attr)
+    except TypeError:
+        labels = [data[i][1] for i in range(len(data))]
+    labels = _as_label_tensor([int(t) for t in labels] if isinstance(labels, list) else labels)
+    if len(labels) != len(data):
+        raise ValueError(f"{type(data).__name__} has {len(data)} items but {len(labels)} labels")
+    return labels.cpu().long()
+
+
+def _known_classes(data: Any) -> int | None:
+    if isinstance(data, Subset): return _known_classes(data.dataset)
+    try:
+        return _label_slot(data)[2]
+    except TypeError:
+        return None
+
+
+def _vocab(data: Any) -> list | None:
+    if isinstance(data, Subset): return _vocab(data.dataset)
+    vocab = getattr(getattr(data, 'proc_y', None), 'vocab', None) or getattr(data, 'vocab', None) \
+        or getattr(data, 'classes', None)
+    return list(vocab) if vocab else None
+
+
+def stratified_folds(labels: Any, k: int, seed: int = 0) -> torch.Tensor:
+    """The fold (0..k−1) of every item: each class's items shuffled (seeded) and dealt round-robin over the folds.
+
+    Fold sizes differ by at most one, and so does any class's count across folds. The draws come from a
+    `torch.Generator` seeded with `seed`; the global RNG is untouched.
+    """
+    labels = _as_label_tensor(labels).cpu().long()
+    _check_k(k, labels)
+    g = torch.Generator().manual_seed(seed)
+    folds = torch.empty(len(labels), dtype=torch.long)
+    offset = 0  # continue the deal where the previous class stopped, so the fold sizes stay balanced
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=g)]
+        folds[members] = (torch.arange(len(members)) + offset) % k
+        offset = (offset + len(members)) % k
+    return folds
+
+
+def _check_k(k: Any, labels: torch.Tensor) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k (the number of folds) must be an int of at least 2, got {k!r}")
+    if labels.numel() == 0: raise ValueError("out-of-fold probabilities need a non-empty dataset")
+    counts = torch.bincount(labels)
+    present = counts[counts > 0]
+    smallest = int(present.min())
+    if k > smallest:
+        c = int((counts == smallest).nonzero()[0])
+        raise ValueError(f"k={k} folds need at least {k} items of every class, but class {c} has only {smallest}: "
+                         f"use k <= {smallest}, or drop or merge the rare classes")
+
+
+# ---- out-of-fold probabilities -------------------------------------------------------------------
+def _c_in(data: Any) -> int | None:
+    """Input channels (C of a (C, H, W) image), or features of a vector input, as the models' builders read `c_in`."""
+    x = data[0][0]
+    if isinstance(x, torch.Tensor) and x.ndim >= 1: return x.shape[0]
+    getbands = getattr(x, 'getbands', None)  # PIL images
+    return len(getbands()) if callable(getbands) else None
+
+
+def _check_learner(learn: Any) -> None:
+    # Checked by behaviour, not by class: nothing in the package but __init__/cli may import learner.py,
+    # and any object that fits and predicts like a Learner can serve.
+    missing = [a for a in ('fit', 'model', 'data', 'loss_func', 'cbs') if not hasattr(learn, a)]
+    if missing or not callable(getattr(learn, 'fit', None)) or not isinstance(learn.model, torch.nn.Module):
+        raise TypeError(f"make_learner(data) must return a minilearn Learner (fit, model, data, loss_func, cbs), got "
+                        f"{type(learn).__name__}" + (f" without {', '.join(missing)}" if missing else '') +
+                        "; e.g. make_learner = lambda data: Learner(model_fn(), data, loss_func)")
+
+
+def _fold_bar(k: int, show: bool | None) -> Any:
+    if not (is_interactive() if show is None else show): return range(k)
+    return progress_bar(range(k), leave=True)
+
+
+def _fork_rng():
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def out_of_fold_probs(make_learner: Callable[[Any], Learner], data: Any, k: int = 5, epochs: int = 1, bs: int = 64,
+                      seed: int = 0, *, progress: bool | None = None, **fit_kwargs: Any) -> torch.Tensor:
+    """(N, C) softmax probabilities of a map-style `(x, y)` dataset, in dataset order, each row from a model that never saw it.
+
+    The items are split into `k` stratified folds (`stratified_folds`, seeded); for each fold
+    `make_learner(databunch)` builds a fresh learner on a DataBunch whose training loader holds the
+    other folds and whose validation loader the fold itself (so validation metrics and early stopping
+    watch the held-out loss); it trains with `learn.fit(epochs, **fit_kwargs)` and predicts the fold
+    with `get_preds` (eval mode, no MixUp or training-only callbacks; augmentation done in training
+    callbacks does not apply). Fold f trains with torch's RNG seeded `seed·1000 + f` inside
+    `torch.random.fork_rng`, so runs repeat exactly and the caller's RNG state is kept. A progress
+    bar over the folds is drawn in terminals and notebooks (`progress=False` to hide it), above each
+    fold's own epoch bars.
+    """
+    if not callable(make_learner):
+        raise TypeError(f"make_learner must be a callable data -> Learner, got {type(make_learner).__name__}")
+    if not hasattr(data, '__getitem__') or not hasattr(data, '__len__'):
+        raise TypeError(f"data must be a map-style dataset of (x, y) items, got {type(data).__name__}")
+    for name, value in (('epochs', epochs), ('bs', bs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    labels = dataset_labels(data)
+    folds = stratified_folds(labels, k, seed)
+    n_classes = _known_classes(data)
+    if n_classes is None: n_classes = int(labels.max()) + 1
+    elif int(labels.max()) >= n_classes:
+        raise ValueError(f"the data names {n_classes} classes but has a label {int(labels.max())}; "
+                         f"labels must lie in [0, {n_classes})")
+    c_in, vocab = _c_in(data), _vocab(data)
+    probs = torch.full((len(labels), n_classes), float('nan'))
+    for f in _fold_bar(k, progress):
+        held = (folds == f).nonzero().squeeze(1)
+        rest = (folds != f).nonzero().squeeze(1)
+        with _fork_rng():
+            torch.manual_seed(seed * 1000 + f)
+            bunch = DataBunch.from_datasets(Subset(data, rest.tolist()), Subset(data, held.tolist()), bs=bs,
+                                            c_in=c_in, c_out=n_classes)
+            bunch.vocab = vocab
+            learn = make_learner(bunch)
+            _check_learner(learn)
+            if f == 0: _check_outputs(learn, get_preds, data, held, n_classes)
+            learn.fit(epochs, **fit_kwargs)
+            preds, _ = get_preds(learn, dl=DataLoader(Subset(data, held.tolist()), batch_size=2 * bs))
+        probs[held] = preds.float()
+    return probs
+
+
+def _check_outputs(learn: Any, get_preds: Callable, data: Any, held: torch.Tensor, n_classes: int) -> None:
+    """The untrained model on two held-out items, so a class-count mismatch fails before any training."""
+    preds, _ = get_preds(learn, dl=DataLoader(Subset(data, held[:2].tolist()), batch_size=2))
+    if preds.ndim != 2 or preds.shape[1] != n_classes:
+        raise ValueError(f"the model of make_learner gives outputs of shape {tuple(preds.shape[1:])} per item but the "
+                         f"data has {n_classes} classes: its last layer needs {n_classes} outputs (data.c_out)")
+
+
 # ---- finding label issues ----------------------------------------------------------------------
-class LabelIssues(NamedTuple):
-    """Items ranked by loss, highest first: dataset indices, losses, given labels and predicted labels."""
+class _LabelIssuesFields(NamedTuple):
     indices: torch.Tensor
     losses: torch.Tensor
     labels: Any
     predicted: torch.Tensor
 
 
-def find_label_issues(learn: Any, dl: Any = None) -> LabelIssues:
-    """Per-item losses of the model over a loader (validation by default), ranked so likely mislabels come first.
+class LabelIssues(_LabelIssuesFields):
+    """Suspected label issues, most likely first: dataset indices, losses, given labels and predicted labels.
 
-    Predictions run in eval mode without MixUp or other training-only callbacks (`get_preds`); pass a
-    loader without augmentation, e.g. `DataLoader(learn.data.train_ds, batch_size=256)` for the training set.
+    Also `probs` (the (n, C) probabilities in the same order, or None), `dataset` (what the indices
+    refer to, or None) and `vocab` (class names, or None), which `show` reads.
     """
+    probs: torch.Tensor | None = None
+    dataset: Any = None
+    vocab: list | None = None
+
+    @classmethod
+    def from_probs(cls, pred_probs: Any, labels: Any, dataset: Any = None, mask: Any = None,
+                   indices: Any = None, vocab: list | None = None) -> LabelIssues:
+        """Issues from (N, C) probabilities and given labels: the `indices` given, else those of `mask`, else all; ranked by −log p(label) unless `indices` are given."""
+        probs = torch.as_tensor(np.asarray(pred_probs), dtype=torch.float32)
+        labels = _as_label_tensor(labels).cpu().long()
+        _check_probs(probs, labels)
+        if indices is not None:
+            order = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        else:
+            candidates = torch.arange(len(labels)) if mask is None else \
+                torch.as_tensor(np.asarray(mask), dtype=torch.bool).nonzero().squeeze(1)
+            loss = -probs[candidates, labels[candidates]].clamp_min(1e-12).log()
+            order = candidates[loss.argsort(descending=True, stable=True)]
+        loss = -probs[order, labels[order]].clamp_min(1e-12).log()
+        issues = cls(order, loss, labels[order], probs[order].argmax(1))
+        issues.probs, issues.dataset = probs[order], dataset
+        issues.vocab = vocab if vocab is not None else (_vocab(dataset) if dataset is not None else None)
+        return issues
+
+    def show(self, n: int = 9, figsize_per: float = 2.5):
+        """A grid of the top `n` items: image, given and predicted label, their probabilities, and the file name if any."""
+        if self.dataset is None:
+            raise ValueError("these label issues carry no dataset to show items from; build them with "
+                             "find_label_issues(learn, dl) or LabelIssues.from_probs(..., dataset=ds)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive int, got {n!r}")
+        n = min(n, len(self.indices))
+        if n == 0: raise ValueError("there are no label issues to show")
+        fig, axes = _grid(n, figsize_per)
+        for rank, ax in enumerate(axes[:n]):
+            i = int(self.indices[rank])
+            given, predicted = int(self.labels[rank]), int(self.predicted[rank])
+            title = f'given {self._name(given)}\npred {self._name(predicted)}'
+            if self.probs is not None:
+                title += f' ({float(self.probs[rank, predicted]):.2f}; given {float(self.probs[rank, given]):.2f})'
+            name = _file_name(self.dataset, i)
+            if name is not None: title += f'\n{name}'
+            show_image(self.dataset[i][0], ax=ax, title=title)
+            ax.title.set_fontsize(8)
+        fig.suptitle('suspected label issues: given / predicted (probability)')
+        fig.tight_layout()
+        return fig
+
+    def _name(self, c: int) -> str:
+        return str(self.vocab[c]) if self.vocab is not None and 0 <= c < len(self.vocab) else str(c)
+
+
+def _file_name(data: Any, i: int) -> str | None:
+    """The file name of item `i` when the dataset was read from files (item lists of paths, ImageFolder)."""
+    if isinstance(data, Subset): return _file_name(data.dataset, int(data.indices[i]))
+    samples = getattr(data, 'samples', None)
+    if isinstance(samples, list) and i < len(samples) and isinstance(samples[i], tuple):
+        item = samples[i][0]
+    else:
+        item = getattr(getattr(data, 'x', None), 'items', None)
+        item = item[i] if item is not None and i < len(item) else None
+    if hasattr(item, 'name') and hasattr(item, 'parent'):  # a Path: with its folder, often the class's name
+        return f'{item.parent.name}/{item.name}' if item.parent.name else item.name
+    if isinstance(item, str) and ('/' in item or '.' in item): return '/'.join(item.split('/')[-2:])
+    return None
+
+
+def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    if probs.ndim != 2 or probs.shape[0] != len(labels):
+        raise ValueError(f"pred_probs must have shape (N, C) with one row per label: got {tuple(probs.shape)} for "
+                         f"{len(labels)} labels")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
+        raise ValueError(f"labels must lie in [0, C={probs.shape[1]}) (one column of pred_probs per class), got "
+                         f"values in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _cleanlab_filter() -> Any:
+    try:
+        from cleanlab import filter as cleanlab_filter
+    except ImportError as e:
+        raise ImportError("find_label_issues(labels=..., pred_probs=...) runs confident learning through the "
+                          "cleanlab package: pip install minilearn[cleanlab] (or pip install cleanlab)") from e
+    return cleanlab_filter
+
+
+def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, pred_probs: Any = None,
+                      filter_by: str = 'prune_by_noise_rate', return_indices_ranked_by: str | None = None,
+                      n_jobs: int | None = 1, **cleanlab_kwargs: Any) -> Any:
+    """Likely label errors: confident learning on `labels`/`pred_probs`, or a learner's in-sample loss ranking.
+
+    `find_label_issues(labels=..., pred_probs=...)` is `cleanlab.filter.find_label_issues` with its
+    keywords and semantics (`filter_by`, `return_indices_ranked_by`, `frac_noise`, ...; see the module
+    docstring): a boolean mask over the items, or their indices ranked by the chosen score, as a
+    tensor. Pass out-of-fold probabilities (`out_of_fold_probs`). `n_jobs` defaults to 1 (no worker
+    processes; the result does not depend on it).
+
+    `find_label_issues(learn, dl)` ranks the items of a loader (validation by default) by the model's
+    per-item loss, highest first, as `LabelIssues`; predictions run in eval mode without MixUp
+    (`get_preds`). On the training set these are in-sample losses, informative only while the model
+    has not memorised the noise; pass a loader without augmentation, e.g.
+    `DataLoader(learn.data.train_ds, batch_size=256)`.
+    """
+    if labels is not None or pred_probs is not None:
+        if learn is not None or dl is not None:
+            raise TypeError("give either a learner (find_label_issues(learn, dl)) or labels=... and pred_probs=..., "
+                            "not both")
+        if labels is None or pred_probs is None:
+            raise TypeError("confident learning needs both labels=... and pred_probs=... (e.g. out_of_fold_probs)")
+        labels_t = _as_label_tensor(labels).cpu().long()
+        probs = torch.as_tensor(np.asarray(pred_probs.detach().cpu() if isinstance(pred_probs, torch.Tensor)
+                                           else pred_probs), dtype=torch.float64)
+        _check_probs(probs, labels_t)
+        result = _cleanlab_filter().find_label_issues(
+            labels=labels_t.numpy(), pred_probs=probs.numpy(), filter_by=filter_by,
+            return_indices_ranked_by=return_indices_ranked_by, n_jobs=n_jobs, **cleanlab_kwargs)
+        return torch.from_numpy(np.asarray(result, dtype=bool if return_indices_ranked_by is None else np.int64))
+    if learn is None:
+        raise TypeError("find_label_issues needs a learner (find_label_issues(learn, dl)) or labels=... and "
+                        "pred_probs=...")
     preds, targets, losses = get_preds(learn, dl=dl, with_loss=True)
     order = losses.argsort(descending=True, stable=True)
     predicted = preds.argmax(1) if isinstance(preds, torch.Tensor) and preds.ndim > 1 else preds
-    labels = targets[order] if isinstance(targets, torch.Tensor) else [targets[int(i)] for i in order]
-    return LabelIssues(order, losses[order], labels, predicted[order])
+    ranked_labels = targets[order] if isinstance(targets, torch.Tensor) else [targets[int(i)] for i in order]
+    issues = LabelIssues(order, losses[order], ranked_labels, predicted[order])
+    if isinstance(preds, torch.Tensor) and preds.ndim == 2: issues.probs = preds[order]
+    loader = learn.data.valid_dl if dl is None else dl
+    issues.dataset = getattr(loader, 'dataset', None)
+    issues.vocab = getattr(learn.data, 'vocab', None) or (_vocab(issues.dataset) if issues.dataset is not None else None)
+    return issues
+
+
+# ---- clean and retrain -----------------------------------------------------------------------------
+class RelabeledDataset(torch.utils.data.Dataset):
+    """A view of a map-style `(x, y)` dataset with new labels: item i is `(data[i][0], targets[i])`."""
+
+    def __init__(self, data: Any, targets: torch.Tensor):
+        if len(targets) != len(data):
+            raise ValueError(f"{len(targets)} new labels for a dataset of {len(data)} items")
+        self.data, self.targets = data, targets
+        self.classes = getattr(data, 'classes', None) or _vocab(data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        return self.data[i][0], self.targets[i]
+
+
+def clean_dataset(data: Any, is_issue: Any, action: str = 'drop', pred_probs: Any = None) -> Any:
+    """The dataset without its flagged items (`action='drop'`, a `Subset`) or with them relabelled to the predicted class.
+
+    `is_issue` is a boolean mask over the items (`find_label_issues(labels=..., pred_probs=...)`);
+    'relabel' needs `pred_probs` and returns a `RelabeledDataset`. `data` is left unchanged.
+    """
+    mask = torch.as_tensor(np.asarray(is_issue.cpu() if isinstance(is_issue, torch.Tensor) else is_issue))
+    if mask.dtype != torch.bool or mask.shape != (len(data),):
+        raise ValueError(f"is_issue must be a boolean mask with one entry per item ({len(data)}), got dtype "
+                         f"{mask.dtype} and shape {tuple(mask.shape)}; pass find_label_issues(labels=..., "
+                         f"pred_probs=...) without return_indices_ranked_by")
+    if action == 'drop': return Subset(data, (~mask).nonzero().squeeze(1).tolist())
+    if action != 'relabel': raise ValueError(f"action must be 'drop' or 'relabel', got {action!r}")
+    if pred_probs is None: raise ValueError("action='relabel' needs pred_probs=... to take the predicted classes from")
+    probs = torch.as_tensor(np.asarray(pred_probs.cpu() if isinstance(pred_probs, torch.Tensor) else pred_probs))
+    labels = dataset_labels(data)
+    _check_probs(probs, labels)
+    return RelabeledDataset(data, torch.where(mask, probs.argmax(1), labels))

@@ -1,6 +1,7 @@
 """Loss helpers and losses against independent references (F.cross_entropy, hand-written formulas)."""
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +11,9 @@ from minilearn.callbacks.device import DeviceCallback
 from minilearn.checks import is_class_index_loss
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Learner
-from minilearn.losses import (REDUCTIONS, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
-                              SoftBootstrappingLoss, SoftTargetCrossEntropy, lin_comb, loss_reduction, reduce_loss,
-                              smooth_one_hot)
+from minilearn.losses import (REDUCTIONS, GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy,
+                              NoneReduce, SoftBootstrappingLoss, SoftTargetCrossEntropy, SymmetricCrossEntropy,
+                              lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
 from tests.helpers import mlp, same_weights, weights
 
 N_CLASSES = 5
@@ -315,3 +316,98 @@ def test_bootstrapping_ignores_ignore_index_in_both_terms_and_the_mean():
         torch.testing.assert_close(loss(x, y), per_item[kept].mean())
     with pytest.raises(ValueError, match='out of range'):
         HardBootstrappingLoss()(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+# ---- generalized and symmetric cross entropy -------------------------------------------------------
+def _gce_reference(x, y, q):
+    p_y = x.softmax(1).gather(1, y.unsqueeze(1)).squeeze(1)
+    return (1 - p_y ** q) / q
+
+
+def _sce_reference(x, y, alpha, beta, A=-4.):
+    p = x.softmax(1)
+    one_hot = F.one_hot(y, x.shape[1]).to(x.dtype)
+    log_q = torch.where(one_hot > 0, torch.zeros_like(p), torch.full_like(p, A))  # log 0 clipped to A
+    return alpha * F.cross_entropy(x, y, reduction='none') - beta * (p * log_q).sum(1)
+
+
+@pytest.mark.parametrize('reduction', REDUCTIONS)
+def test_generalized_cross_entropy_values_and_gradients_match_the_formula(reduction):
+    x, y = torch.randn(9, N_CLASSES, dtype=torch.float64, requires_grad=True), torch.randint(0, N_CLASSES, (9,))
+    loss = GeneralizedCrossEntropy(0.7, reduction=reduction)(x, y)
+    expected = reduce_loss(_gce_reference(x, y, 0.7), reduction)
+    torch.testing.assert_close(loss, expected)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    (g_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_generalized_cross_entropy_limits_and_hand_value():
+    x, y = torch.randn(6, N_CLASSES, dtype=torch.float64), torch.randint(0, N_CLASSES, (6,))
+    torch.testing.assert_close(GeneralizedCrossEntropy(1e-6)(x, y), F.cross_entropy(x, y), rtol=1e-5, atol=1e-5)
+    p_y = x.softmax(1)[torch.arange(6), y]
+    torch.testing.assert_close(GeneralizedCrossEntropy(1.)(x, y), (1 - p_y).mean())  # MAE / 2 on the simplex
+    # two classes, logits (0, log 3): p = (1/4, 3/4); target 1, q = 1/2: (1 − √(3/4)) / (1/2)
+    value = GeneralizedCrossEntropy(0.5)(torch.tensor([[0., float(np.log(3))]]), torch.tensor([1]))
+    assert abs(float(value) - 2 * (1 - 0.75 ** 0.5)) < 1e-6
+    for bad in (0, -0.1, 1.5, float('nan'), True):
+        with pytest.raises(ValueError, match=r'q must be a number in \(0, 1\]'):
+            GeneralizedCrossEntropy(bad)
+
+
+@pytest.mark.parametrize('reduction', REDUCTIONS)
+def test_symmetric_cross_entropy_values_and_gradients_match_the_formula(reduction):
+    x, y = torch.randn(9, N_CLASSES, dtype=torch.float64, requires_grad=True), torch.randint(0, N_CLASSES, (9,))
+    loss = SymmetricCrossEntropy(0.3, 1.5, reduction=reduction)(x, y)
+    expected = reduce_loss(_sce_reference(x, y, 0.3, 1.5), reduction)
+    torch.testing.assert_close(loss, expected)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    (g_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_symmetric_cross_entropy_defaults_hand_value_and_errors():
+    sce = SymmetricCrossEntropy()
+    assert (sce.alpha, sce.beta, sce.A) == (0.1, 1.0, -4.0)
+    # p = (1/4, 3/4), target 1: 0.1·(−log 3/4) + 1·4·(1 − 3/4)
+    value = sce(torch.tensor([[0., float(np.log(3))]]), torch.tensor([1]))
+    assert abs(float(value) - (0.1 * -np.log(0.75) + 1.0)) < 1e-6
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(SymmetricCrossEntropy(1., 0.)(x, y), F.cross_entropy(x, y))
+    with pytest.raises(ValueError, match='beta must be a non-negative number'):
+        SymmetricCrossEntropy(beta=-1)
+    with pytest.raises(ValueError, match='A .* must be a negative number'):
+        SymmetricCrossEntropy(A=0.)
+
+
+@pytest.mark.parametrize('make', [lambda **kw: GeneralizedCrossEntropy(0.7, **kw),
+                                  lambda **kw: SymmetricCrossEntropy(0.1, 1.0, **kw)])
+def test_robust_losses_ignore_index_and_weight_follow_cross_entropy_conventions(make):
+    x, y = torch.randn(6, N_CLASSES, 3), torch.randint(0, N_CLASSES, (6, 3))
+    y[0, 0] = y[4, 2] = -100
+    kept = y != -100
+    per_item = make(reduction='none')(x, y)
+    assert per_item.shape == (6, 3) and (per_item[~kept] == 0).all() and (per_item[kept] > 0).all()
+    torch.testing.assert_close(make()(x, y), per_item[kept].mean())
+    torch.testing.assert_close(make(reduction='sum')(x, y), per_item.sum())
+    w = torch.rand(N_CLASSES) + 0.5
+    w_item = w[y.clamp_min(0)] * kept
+    torch.testing.assert_close(make(weight=w)(x, y), (per_item * w_item).sum() / w_item.sum())
+    torch.testing.assert_close(make(weight=w, reduction='none')(x, y), per_item * w_item)
+    torch.testing.assert_close(make()(x[0, :, 1], y[0, 1]), per_item[0, 1])  # unbatched
+    with pytest.raises(ValueError, match='weight has 2 entries'):
+        make(weight=torch.ones(2))(x, y)
+    with pytest.raises(ValueError, match='out of range'):
+        make()(torch.randn(2, 3), torch.tensor([0, 3]))
+    assert is_class_index_loss(make())
+
+
+def test_robust_losses_train_under_mixup_with_per_item_losses():
+    from minilearn.callbacks.mixup import MixUp
+    for loss in (GeneralizedCrossEntropy(), SymmetricCrossEntropy()):
+        data = DataBunch.from_datasets(Dataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), None, bs=16,
+                                       c_in=8, c_out=3)
+        learn = Learner(mlp(), data, loss, lr=0.1, cbs=[DeviceCallback('cpu'), MixUp(0.4)])
+        before = weights(learn.model)
+        learn.fit(1)
+        assert not same_weights(before, weights(learn.model)) and loss.reduction == 'mean'

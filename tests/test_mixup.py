@@ -13,8 +13,8 @@ from minilearn.callbacks.mixup import MixUp, MixUpLoss
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.core import listify, unwrap_loss
 from minilearn.learner import Callback, CancelTrainException, Learner
-from minilearn.losses import (HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce, SoftBootstrappingLoss,
-                              lin_comb, reduce_loss)
+from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
+                              SoftBootstrappingLoss, SymmetricCrossEntropy, lin_comb, reduce_loss)
 from tests.helpers import image_data, linear_data, mlp, small_cnn
 
 
@@ -113,6 +113,8 @@ def test_parameter_validation_and_course_alpha_spelling():
     (LabelSmoothingCrossEntropy(0.1), 'mean'),
     (SoftBootstrappingLoss(0.9), 'mean'),
     (HardBootstrappingLoss(0.8, reduction='none'), 'none'),
+    (GeneralizedCrossEntropy(0.7), 'mean'),
+    (SymmetricCrossEntropy(0.1, 1.0, reduction='sum'), 'sum'),
 ])
 def test_loss_is_the_lambda_mixture_of_per_item_losses(loss_func, reduction):
     xb, yb = torch.randn(8, 4), torch.randint(0, 3, (8,))
@@ -129,6 +131,11 @@ def test_loss_is_the_lambda_mixture_of_per_item_losses(loss_func, reduction):
         per_item = partial(F.cross_entropy, reduction='none', label_smoothing=0.1)
     if isinstance(loss_func, (SoftBootstrappingLoss, HardBootstrappingLoss)):
         per_item = type(loss_func)(loss_func.beta, reduction='none')
+    if isinstance(loss_func, GeneralizedCrossEntropy):  # (1 − p_y^q)/q by hand
+        per_item = lambda p, y: (1 - p.softmax(1).gather(1, y[:, None])[:, 0] ** 0.7) / 0.7  # noqa: E731
+    if isinstance(loss_func, SymmetricCrossEntropy):  # 0.1·CE + 1·(−A)(1 − p_y), A = −4
+        per_item = lambda p, y: (0.1 * F.cross_entropy(p, y, reduction='none')  # noqa: E731
+                                 + 4 * (1 - p.softmax(1).gather(1, y[:, None])[:, 0]))
     lam = mixup.lam
     expected = reduce_loss(lam * per_item(pred, yb) + (1 - lam) * per_item(pred, yb[mixup.perm]), reduction)
     torch.testing.assert_close(wrapper(pred, yb), expected)

@@ -32,7 +32,8 @@ from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.data.sampler import ResumableLoader
 from minilearn.learner import Callback, Learner
-from minilearn.losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
+from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy,
+                              SoftBootstrappingLoss, SymmetricCrossEntropy)
 
 PACKAGE_DIR = os.path.dirname(minilearn.__file__) + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -40,7 +41,8 @@ READ_BACK = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__
 
 
 LOSSES = {'cross_entropy': lambda: F.cross_entropy, 'LabelSmoothingCrossEntropy': LabelSmoothingCrossEntropy,
-          'SoftBootstrappingLoss': SoftBootstrappingLoss, 'HardBootstrappingLoss': HardBootstrappingLoss}
+          'SoftBootstrappingLoss': SoftBootstrappingLoss, 'HardBootstrappingLoss': HardBootstrappingLoss,
+          'GeneralizedCrossEntropy': GeneralizedCrossEntropy, 'SymmetricCrossEntropy': SymmetricCrossEntropy}
 
 
 class ReadCounter:
