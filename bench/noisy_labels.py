@@ -474,7 +474,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     p.add_argument('--jobs', type=int, default=None, help='worker processes (default 2 on CPU, 1 on a GPU)')
     p.add_argument('--threads', type=int, default=1, help='torch threads per worker on CPU (1: fastest on a busy machine)')
-    p.add_argument('--channels-last', action='store_true', help='channels-last model and batches')
+    p.add_argument('--no-channels-last', dest='channels_last', action='store_false',
+                   help='keep the default memory format (channels-last is ~25 %% faster on a CPU)')
+    p.add_argument('--raw', default=None, help='save every finished run here (torch.save) and skip the runs already '
+                                               'in it: an interrupted study resumes; default: --out + .raw.pt')
     p.add_argument('--num-workers', type=int, default=2, help='DataLoader workers for decoding the images once')
     p.add_argument('--out', help='also write the markdown report to this file')
     args = p.parse_args(argv)
@@ -522,17 +525,26 @@ def main(argv: list[str] | None = None) -> int:
           f'({DATA["load_s"]:.0f} s); recipe {args.recipe} {args.r}; scale {args.scale}', flush=True)
     tasks = [('train', arch, seed, m) for seed in range(args.seeds) for arch in args.archs for m in args.methods]
     tasks += [('memorise', arch, seed) for arch in args.memorise_archs for seed in range(args.memorise_seeds)]
-    tasks.sort(key=lambda t: -cost(t, args))
-    results: dict[str, Any] = {'train': {}, 'detect': {'short': {}, 'memorise': {}}, 'memorise': {}, 'short_fit': {}}
+    # seed by seed (a cut-short study has whole seeds), the longest runs of a seed first
+    tasks.sort(key=lambda t: (t[2], -cost(t, args)))
+    raw_path = Path(args.raw) if args.raw else Path(args.out + '.raw.pt') if args.out else None
     raw: dict[tuple, dict] = {}
+    if raw_path is not None and raw_path.exists():
+        raw = {t: o for t, o in torch.load(raw_path, weights_only=False).items() if t in tasks}
+        print(f'{len(raw)} of {len(tasks)} runs already in {raw_path}', flush=True)
+    todo = [t for t in tasks if t not in raw]
+    results: dict[str, Any] = {'train': {}, 'detect': {'short': {}, 'memorise': {}}, 'memorise': {}, 'short_fit': {}}
     if args.jobs > 1:
         pool = multiprocessing.get_context('fork').Pool(args.jobs)
-        stream = pool.imap_unordered(run_task, tasks)
+        stream = pool.imap_unordered(run_task, todo)
     else:
-        pool, stream = None, map(run_task, tasks)
+        pool, stream = None, map(run_task, todo)
     try:
-        for done, (task, out, seconds) in enumerate(stream, 1):
+        for done, (task, out, seconds) in enumerate(stream, len(raw) + 1):
             raw[task] = out
+            if raw_path is not None:
+                torch.save(raw, raw_path.with_suffix('.tmp'))
+                os.replace(raw_path.with_suffix('.tmp'), raw_path)
             score = f"final {out['final']:6.2f}  last-3 {out['last3']:6.2f}"
             print(f'[{done:>3}/{len(tasks)}] {" ".join(map(str, task)):<34} {score}  ({seconds:.0f} s, '
                   f'{(time.perf_counter() - start) / 60:.1f} min)', flush=True)
