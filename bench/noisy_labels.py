@@ -79,7 +79,7 @@ sys.path.insert(0, str(REPO))
 import minilearn  # noqa: E402
 from minilearn.callback import Callback, Order  # noqa: E402
 from minilearn.callbacks.device import DeviceCallback, default_device  # noqa: E402
-from minilearn.callbacks.mixup import MixUp  # noqa: E402
+from minilearn.callbacks.mixup import CutMix, MixUp  # noqa: E402
 from minilearn.callbacks.schedule import ParamScheduler, sched_cos  # noqa: E402
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize  # noqa: E402
 from minilearn.data.core import DataBunch, Dataset  # noqa: E402
@@ -92,10 +92,6 @@ from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, La
 from minilearn.models import get_cnn_model, init_cnn, resnet18_cifar  # noqa: E402
 from minilearn.noisy import clean_dataset, find_label_issues, inject_label_noise, out_of_fold_probs  # noqa: E402
 
-try:  # CutMix arrives with another change; the row is offered only when the library has it
-    from minilearn.callbacks.mixup import CutMix  # noqa: E402
-except ImportError:
-    CutMix = None
 try:  # the library's batch augmentation, once it is there; until then the script's own (below)
     from minilearn.callbacks.augment import RandomCropPad, RandomFlip  # noqa: E402
 except ImportError:
@@ -219,11 +215,10 @@ def method_specs(r: dict[str, Any]) -> dict[str, tuple[str, str, Any, Any]]:
         'clean-retrain': ('clean and retrain (confident learning on out-of-fold probabilities)',
                           f"k={r['folds']} folds of CE, filter_by={r['cl_filter']!r}, drop flagged, CE retrained",
                           ce, list),
+        'cutmix': ('CutMix, one box per batch', f"alpha={r['cutmix_alpha']}, exact_area=True", ce,
+                   lambda: [CutMix(r['cutmix_alpha'])]),
         'ce-clean': ('cross entropy on the clean labels (reference)', '-', ce, list),
     }
-    if CutMix is not None:
-        specs['cutmix'] = ('CutMix, one box per batch', f"alpha={r['cutmix_alpha']}", ce,
-                           lambda: [CutMix(r['cutmix_alpha'])])
     return specs
 
 

@@ -40,7 +40,7 @@ def test_smoke_run_writes_every_table(study, tmp_path):
                        '--out', str(out)]) == 0
     text = out.read_text()
     specs = study.method_specs(study.RECIPES['lab'])
-    for method in ('ce', 'ls', 'soft-boot', 'hard-boot', 'mixup-batch', 'mixup', 'gce', 'sce', 'clean-retrain'):
+    for method in ('ce', 'ls', 'soft-boot', 'hard-boot', 'mixup-batch', 'mixup', 'gce', 'sce', 'cutmix', 'clean-retrain'):
         assert f'| {specs[method][0]}' in text and specs[method][1] in text
     assert 'alpha=0.2, per_sample=False' in text and 'beta=0.95' in text and 'q=0.7' in text
     rows = [line for line in text.splitlines() if line.startswith('| label smoothing')]
