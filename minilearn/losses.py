@@ -400,9 +400,10 @@ class GeneralizedCrossEntropy(_WeightedClassIndexLoss):
 
 
 class SymmetricCrossEntropy(_WeightedClassIndexLoss):
-    """Wang et al.'s symmetric cross entropy α·CE(p, y) + β·RCE, RCE = −Σ_c p_c·log q_c with log 0 clipped to `A` = −4.
+    """Wang et al.'s symmetric cross entropy α·CE(p, y) + β·RCE(p, y), the reverse term with log 0 clipped to `A`.
 
-    With a one-hot target RCE is −A·(1 − p_y). Defaults are the paper's CIFAR-10 values (α 0.1, β 1).
+    RCE = −Σ_c p_c·log q_c for the one-hot target q, with log 0 taken as `A` (−4, the paper's value), so
+    RCE = −A·(1 − p_y). Defaults are the paper's CIFAR-10 values (α 0.1, β 1).
     Targets, `ignore_index`, `weight` and reductions as in `GeneralizedCrossEntropy`.
     """
 

@@ -253,7 +253,7 @@ def _fork_rng():
 
 def out_of_fold_probs(make_learner: Callable[[Any], Learner], data: Any, k: int = 5, epochs: int = 1, bs: int = 64,
                       seed: int = 0, *, progress: bool | None = None, **fit_kwargs: Any) -> torch.Tensor:
-    """(N, C) softmax probabilities of a map-style `(x, y)` dataset, in dataset order, each row from a model that never saw it.
+    """(N, C) softmax probabilities of a map-style `(x, y)` dataset, in order, each from a model that never saw the item.
 
     The items are split into `k` stratified folds (`stratified_folds`, seeded); for each fold
     `make_learner(databunch)` builds a fresh learner on a DataBunch whose training loader holds the
@@ -327,7 +327,11 @@ class LabelIssues(_LabelIssuesFields):
     @classmethod
     def from_probs(cls, pred_probs: Any, labels: Any, dataset: Any = None, mask: Any = None,
                    indices: Any = None, vocab: list | None = None) -> LabelIssues:
-        """Issues from (N, C) probabilities and given labels: the `indices` given, else those of `mask`, else all; ranked by −log p(label) unless `indices` are given."""
+        """Issues from (N, C) probabilities and given labels, for `show` and for ranking.
+
+        The items are `indices` in their order when given, else those of the boolean `mask` (else all)
+        ranked by −log p(given label), highest first.
+        """
         probs = torch.as_tensor(np.asarray(pred_probs), dtype=torch.float32)
         labels = _as_label_tensor(labels).cpu().long()
         _check_probs(probs, labels)
@@ -345,11 +349,12 @@ class LabelIssues(_LabelIssuesFields):
         return issues
 
     def show(self, n: int = 9, figsize_per: float = 2.5):
-        """A grid of the top `n` items: image, given and predicted label, their probabilities, and the file name if any."""
+        """A grid of the top `n` items: image, given and predicted label with probabilities, file name if any."""
         if self.dataset is None:
             raise ValueError("these label issues carry no dataset to show items from; build them with "
                              "find_label_issues(learn, dl) or LabelIssues.from_probs(..., dataset=ds)")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive int, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
         n = min(n, len(self.indices))
         if n == 0: raise ValueError("there are no label issues to show")
         fig, axes = _grid(n, figsize_per)
@@ -446,7 +451,8 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
     if isinstance(preds, torch.Tensor) and preds.ndim == 2: issues.probs = preds[order]
     loader = learn.data.valid_dl if dl is None else dl
     issues.dataset = getattr(loader, 'dataset', None)
-    issues.vocab = getattr(learn.data, 'vocab', None) or (_vocab(issues.dataset) if issues.dataset is not None else None)
+    issues.vocab = getattr(learn.data, 'vocab', None) or \
+        (_vocab(issues.dataset) if issues.dataset is not None else None)
     return issues
 
 
@@ -468,7 +474,7 @@ class RelabeledDataset(torch.utils.data.Dataset):
 
 
 def clean_dataset(data: Any, is_issue: Any, action: str = 'drop', pred_probs: Any = None) -> Any:
-    """The dataset without its flagged items (`action='drop'`, a `Subset`) or with them relabelled to the predicted class.
+    """The dataset without its flagged items (`action='drop'`, a `Subset`) or with them relabelled as predicted.
 
     `is_issue` is a boolean mask over the items (`find_label_issues(labels=..., pred_probs=...)`);
     'relabel' needs `pred_probs` and returns a `RelabeledDataset`. `data` is left unchanged.
