@@ -253,7 +253,7 @@ def _fork_rng():
 
 def out_of_fold_probs(make_learner: Callable[[Any], Learner], data: Any, k: int = 5, epochs: int = 1, bs: int = 64,
                       seed: int = 0, *, progress: bool | None = None, **fit_kwargs: Any) -> torch.Tensor:
-    """(N, C) softmax probabilities of a map-style `(x, y)` dataset, in order, each from a model that never saw the item.
+    """(N, C) softmax probabilities of a map-style `(x, y)` dataset, in order; no row from a model that saw its item.
 
     The items are split into `k` stratified folds (`stratified_folds`, seeded); for each fold
     `make_learner(databunch)` builds a fresh learner on a DataBunch whose training loader holds the
