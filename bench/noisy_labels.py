@@ -436,10 +436,12 @@ def report(args: argparse.Namespace, results: dict, total_s: float) -> str:
     device = torch.device(args.device)
     hardware = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
                 f'CPU, {args.jobs} worker process(es) x {args.threads} thread(s), {os.cpu_count()} cores visible')
+    run_s = results.get('run_seconds')
+    runs = '' if run_s is None else f'; the runs took {run_s / 60:.1f} min in all (sum over the workers)'
     lines += ['', f'Command: `python bench/noisy_labels.py {shlex.join(args.argv)}`',
               f'Versions: minilearn {minilearn.__version__}, torch {torch.__version__}, Python '
-              f'{platform.python_version()}; {hardware}; total {total_s / 60:.1f} min (data read in '
-              f'{DATA["load_s"]:.0f} s).', '']
+              f'{platform.python_version()}; {hardware}; this invocation {total_s / 60:.1f} min (data read in '
+              f'{DATA["load_s"]:.0f} s){runs}.', '']
     return '\n'.join(lines)
 
 
@@ -506,6 +508,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+CONFIG_KEY = ('config',)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """What a saved run depends on besides its (kind, arch, seed, method) key."""
+    keys = ('data', 'n_per_class', 'test_n_per_class', 'epochs', 'memorise_epochs', 'noise', 'channels_last')
+    return dict(recipe=dict(args.r), **{k: getattr(args, k) for k in keys})
+
+
 def cost(task: tuple, args: argparse.Namespace) -> float:
     """Rough relative cost, to start the longest tasks first."""
     if task[0] == 'memorise': return args.memorise_epochs * args.r['folds']
@@ -526,8 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks.sort(key=lambda t: (t[2], -cost(t, args)))
     raw_path = Path(args.raw) if args.raw else Path(args.out + '.raw.pt') if args.out else None
     raw: dict[tuple, dict] = {}
+    config = run_config(args)
     if raw_path is not None and raw_path.exists():
-        raw = {t: o for t, o in torch.load(raw_path, weights_only=False).items() if t in tasks}
+        saved = torch.load(raw_path, weights_only=False)
+        if saved.get(CONFIG_KEY, config) != config:
+            raise SystemExit(f"error: {raw_path} holds runs of another configuration ({saved[CONFIG_KEY]}); give "
+                             f"another --raw (or --out)")
+        raw = {t: o for t, o in saved.items() if t in tasks}
         print(f'{len(raw)} of {len(tasks)} runs already in {raw_path}', flush=True)
     todo = [t for t in tasks if t not in raw]
     results: dict[str, Any] = {'train': {}, 'detect': {'short': {}, 'memorise': {}}, 'memorise': {}, 'short_fit': {}}
@@ -538,15 +554,16 @@ def main(argv: list[str] | None = None) -> int:
         pool, stream = None, map(run_task, todo)
     try:
         for done, (task, out, seconds) in enumerate(stream, len(raw) + 1):
-            raw[task] = out
+            raw[task] = dict(out, seconds=seconds)
             if raw_path is not None:
-                torch.save(raw, raw_path.with_suffix('.tmp'))
+                torch.save({**raw, CONFIG_KEY: config}, raw_path.with_suffix('.tmp'))
                 os.replace(raw_path.with_suffix('.tmp'), raw_path)
             score = f"final {out['final']:6.2f}  last-3 {out['last3']:6.2f}"
             print(f'[{done:>3}/{len(tasks)}] {" ".join(map(str, task)):<34} {score}  ({seconds:.0f} s, '
                   f'{(time.perf_counter() - start) / 60:.1f} min)', flush=True)
     finally:
         if pool is not None: pool.close()
+    if all('seconds' in raw[t] for t in tasks): results['run_seconds'] = sum(raw[t]['seconds'] for t in tasks)
     for seed in range(args.seeds):
         for arch in args.archs:
             for m in args.methods:
