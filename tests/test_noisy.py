@@ -225,7 +225,7 @@ def test_out_of_fold_probs_on_labeled_data_and_subsets():
     torch.testing.assert_close(oof, torch.full((12, 3), 1 / 3))
 
 
-def test_out_of_fold_errors_come_before_any_learner_is_built():
+def test_out_of_fold_errors_come_before_any_training():
     data = one_hot_ids(30)
     calls = []
 
@@ -238,14 +238,20 @@ def test_out_of_fold_errors_come_before_any_learner_is_built():
         out_of_fold_probs(make, data, k=11)
     with pytest.raises(ValueError, match='epochs must be a positive int'):
         out_of_fold_probs(make, data, epochs=0)
-    assert calls == []
+    assert calls == []  # no learner was built for these
     with pytest.raises(TypeError, match='must return a minilearn Learner'):
         out_of_fold_probs(lambda d: nn.Linear(30, 3), data, k=3, progress=False)
-    wrong = lambda d: Learner(nn.Linear(30, 2), d, F.cross_entropy, cbs=[DeviceCallback('cpu')])  # noqa: E731
+    built = []
+
+    def wrong(d):
+        built.append(Learner(nn.Linear(30, 2), d, F.cross_entropy, cbs=[DeviceCallback('cpu')]))
+        built.append(built[-1].model.weight.detach().clone())
+        return built[0]
     before = torch.get_rng_state()
     with pytest.raises(ValueError, match='data has 3 classes: its last layer needs 3 outputs'):
         out_of_fold_probs(wrong, data, k=3, progress=False)
     assert torch.equal(before, torch.get_rng_state())
+    assert len(built) == 2 and torch.equal(built[0].model.weight, built[1])  # one learner built, never trained
 
 
 # ---- confident learning, against cleanlab ----------------------------------------------------------
