@@ -29,7 +29,8 @@ What is measured. For each seed, `inject_label_noise` (generator seeded by the s
 the training labels (the lab convention: a redrawn label may equal the true one; "flipped" below means
 changed). Every method of a seed trains on the same noisy labels, from the same initial weights
 (torch.manual_seed(seed) before the model is built) and in the same batch order (the training
-loader's own generator, seeded). Scores: clean test accuracy after the last epoch ("final") and the
+loader's own seed). The data path is the library's: tensors in memory (DataBunch.from_tensors),
+ChannelsLast, and batch augmentation RandomCropPad(4) + RandomFlip() after normalization. Scores: clean test accuracy after the last epoch ("final") and the
 mean of the test accuracies after each of the last 3 epochs ("last-3"): at a constant lr the last
 step's noise moves the final accuracy by points. Methods are compared by the paired difference to CE
 over seeds (mean and a 95 % t-interval): per-method mean ± std over seeds is dominated by the
@@ -70,7 +71,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -78,7 +78,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import minilearn  # noqa: E402
 from minilearn.callback import Callback, Order  # noqa: E402
-from minilearn.callbacks.device import DeviceCallback, default_device  # noqa: E402
+from minilearn.callbacks.augment import RandomCropPad, RandomFlip  # noqa: E402
+from minilearn.callbacks.device import ChannelsLast, DeviceCallback, default_device  # noqa: E402
 from minilearn.callbacks.mixup import CutMix, MixUp  # noqa: E402
 from minilearn.callbacks.schedule import ParamScheduler, sched_cos  # noqa: E402
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize  # noqa: E402
@@ -92,10 +93,6 @@ from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, La
 from minilearn.models import get_cnn_model, init_cnn, resnet18_cifar  # noqa: E402
 from minilearn.noisy import clean_dataset, find_label_issues, inject_label_noise, out_of_fold_probs  # noqa: E402
 
-try:  # the library's batch augmentation, once it is there; until then the script's own (below)
-    from minilearn.callbacks.augment import RandomCropPad, RandomFlip  # noqa: E402
-except ImportError:
-    RandomCropPad = RandomFlip = None
 
 # shared/ beside the repository (or beside a folder above it, as for a git worktree)
 DEFAULT_DATA = next((p / 'shared' / 'data' / 'cifar10' for p in REPO.parents
@@ -151,34 +148,6 @@ def describe_arch(arch: str) -> str:
     label = {'resnet18': f'ResNet-18 (width {width})', 'bn6': f'6-layer Conv-BN-ReLU (width {width})',
              'cnn': f'course CNN (widths {[max(1, round(c * float(width))) for c in CNN_WIDTHS]})'}[name]
     return f'{label}, {n / 1e6:.2f} M parameters'
-
-
-# ---- augmentation -------------------------------------------------------------------------------
-class RandomCropFlip(Callback):
-    """The script's own crop (zero padding of 4 pixels) and flip, until minilearn.callbacks.augment is in the library."""
-    _order = Order.AUGMENT
-
-    def __init__(self, pad: int = 4):
-        self.pad = pad
-
-    def begin_batch(self) -> None:
-        if not self.run.in_train: return
-        xb = self.run.xb
-        n, c, h, w = xb.shape
-        padded = F.pad(xb, (self.pad,) * 4)
-        top = torch.randint(0, 2 * self.pad + 1, (n, 1), device=xb.device)
-        left = torch.randint(0, 2 * self.pad + 1, (n, 1), device=xb.device)
-        rows = top + torch.arange(h, device=xb.device)
-        cols = left + torch.arange(w, device=xb.device)
-        cols = torch.where(torch.rand(n, 1, device=xb.device) < 0.5, cols.flip(1), cols)
-        batch = torch.arange(n, device=xb.device)[:, None, None, None]
-        channel = torch.arange(c, device=xb.device)[None, :, None, None]
-        self.run.xb = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def augment_callbacks() -> list[Callback]:
-    if RandomCropPad is not None: return [RandomCropPad(4), RandomFlip()]
-    return [RandomCropFlip(4)]
 
 
 class TestAccuracy(Callback):
@@ -254,8 +223,9 @@ def load_data(args: argparse.Namespace) -> None:
 
 
 # ---- one training run ------------------------------------------------------------------------------
-def _loader_kwargs(seed: int) -> dict:
-    return dict(generator=torch.Generator().manual_seed(10_000 + seed))
+def _loader_seed(seed: int) -> int:
+    """The training loader's own shuffling seed: the same batch order for every method of a seed."""
+    return 10_000 + seed
 
 
 def make_learner(args: argparse.Namespace, arch: str, seed: int, data: DataBunch, loss: Any, cbs: list,
@@ -263,9 +233,9 @@ def make_learner(args: argparse.Namespace, arch: str, seed: int, data: DataBunch
     r = args.r
     torch.manual_seed(seed)  # the same initial weights for every method of a seed
     model = make_model(arch, 3, DATA['n_classes'])
-    if args.channels_last: model = model.to(memory_format=torch.channels_last)
     all_cbs = [DeviceCallback(args.device), BatchTransformXCallback(DATA['norm'])] + cbs
-    if augment: all_cbs += augment_callbacks()
+    if args.channels_last: all_cbs.append(ChannelsLast())
+    if augment: all_cbs += [RandomCropPad(4), RandomFlip()]  # after normalization: the padding is the mean
     if sched == 'cos': all_cbs.append(ParamScheduler('lr', sched_cos(r['lr'], 0.)))
     opt_func = partial(torch.optim.SGD, momentum=r['momentum'], weight_decay=r['wd'])
     return Learner(model, data, loss, opt_func=opt_func, lr=r['lr'], cbs=all_cbs)
@@ -274,8 +244,7 @@ def make_learner(args: argparse.Namespace, arch: str, seed: int, data: DataBunch
 def train(args: argparse.Namespace, arch: str, seed: int, x: torch.Tensor, y: torch.Tensor, method: str,
           epochs: int, augment: bool, sched: str, in_sample: bool = False) -> dict:
     _, _, make_loss, make_cbs = method_specs(args.r)[method]
-    data = DataBunch.from_datasets(Dataset(x, y), None, bs=args.r['bs'], c_in=3, c_out=DATA['n_classes'],
-                                   **_loader_kwargs(seed))
+    data = DataBunch.from_tensors(x, y, bs=args.r['bs'], c_in=3, c_out=DATA['n_classes'], seed=_loader_seed(seed))
     test = TestAccuracy(DataLoader(Dataset(DATA['test_x'], DATA['test_y']), batch_size=512), last=min(3, epochs))
     learn = make_learner(args, arch, seed, data, make_loss(), make_cbs() + [test], augment, sched, epochs)
     learn.fit(epochs)
@@ -289,7 +258,9 @@ def train(args: argparse.Namespace, arch: str, seed: int, x: torch.Tensor, y: to
 def oof(args: argparse.Namespace, arch: str, seed: int, y: torch.Tensor, epochs: int, augment: bool,
         sched: str) -> np.ndarray:
     def make(bunch: DataBunch) -> Learner:
-        bunch.train_dl = DataLoader(bunch.train_ds, batch_size=args.r['bs'], shuffle=True, **_loader_kwargs(seed))
+        rows = torch.as_tensor(bunch.train_ds.indices)  # the fold's training items, gathered from memory
+        bunch.train_dl = DataBunch.from_tensors(DATA['train_x'][rows], y[rows], bs=args.r['bs'],
+                                                seed=_loader_seed(seed)).train_dl
         return make_learner(args, arch, seed, bunch, nn.CrossEntropyLoss(), [], augment, sched, epochs)
     return out_of_fold_probs(make, Dataset(DATA['train_x'], y), k=args.r['folds'], epochs=epochs, bs=args.r['bs'],
                              seed=seed, progress=False).numpy()
@@ -373,8 +344,7 @@ def report(args: argparse.Namespace, results: dict, total_s: float) -> str:
     r, specs = args.r, method_specs(args.r)
     n_train, n_test = len(DATA['train_y']), len(DATA['test_y'])
     changed = statistics.mean(DATA['noisy'][s].changed.float().mean().item() for s in range(args.seeds))
-    aug = 'random crop (pad 4) + horizontal flip' + (' (minilearn RandomCropPad/RandomFlip)' if RandomCropPad
-                                                    else ' (the script\'s own callback)')
+    aug = 'random crop (pad 4, after normalization: the padding is the mean) + horizontal flip (RandomCropPad, RandomFlip)'
     sched = 'constant lr' if r['sched'] == 'const' else 'lr annealed to 0 by a cosine'
     lines = [f'## Label noise: {args.noise:.0%} symmetric, recipe `{args.recipe}`, scale `{args.scale}`', '',
              f'Data: {DATA["source"]}: {n_train} training images ({args.n_per_class}/class), {n_test} clean test '
@@ -472,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--jobs', type=int, default=None, help='worker processes (default 2 on CPU, 1 on a GPU)')
     p.add_argument('--threads', type=int, default=1, help='torch threads per worker on CPU (1: fastest on a busy machine)')
     p.add_argument('--no-channels-last', dest='channels_last', action='store_false',
-                   help='keep the default memory format (channels-last is ~25 %% faster on a CPU)')
+                   help='no ChannelsLast callback (channels-last is ~25 %% faster on a CPU)')
     p.add_argument('--raw', default=None, help='save every finished run here (torch.save) and skip the runs already '
                                                'in it: an interrupted study resumes; default: --out + .raw.pt')
     p.add_argument('--num-workers', type=int, default=2, help='DataLoader workers for decoding the images once')
