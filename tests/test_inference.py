@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from minilearn.callbacks.device import DeviceCallback
+from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize, normalize_chan
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.data.items import label_image_folder
@@ -144,11 +145,7 @@ def test_get_preds_never_applies_mixup():
     learn, x, y = make_learner()
     expected, _ = get_preds(learn)
     learn.add_cb(FakeMixUp())
-    try:
-        from minilearn.callbacks.mixup import MixUp
-        learn.add_cb(MixUp())
-    except ImportError:
-        pass
+    learn.add_cb(MixUp())
     preds, _ = get_preds(learn)
     torch.testing.assert_close(preds, expected)
 
