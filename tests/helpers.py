@@ -50,3 +50,13 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# The Tensor methods that read a value back to the host.
+READ_BACK = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+
+
+def forbid_host_reads(monkeypatch) -> None:
+    """Make every host read of a tensor raise until `monkeypatch.undo()`."""
+    def forbidden(*args, **kwargs): raise AssertionError('host read on the batch path')
+    for name in READ_BACK: monkeypatch.setattr(torch.Tensor, name, forbidden)

@@ -16,7 +16,7 @@ from minilearn.core import unwrap_loss
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, CancelTrainException, Learner
 from minilearn.losses import LabelSmoothingCrossEntropy
-from tests.helpers import image_data, small_cnn
+from helpers import forbid_host_reads, image_data, small_cnn
 
 
 def attached(cb, xb, yb, in_train=True, loss_func=None):
@@ -393,9 +393,7 @@ def test_no_host_reads_on_the_batch_path(monkeypatch, name):
     cb.begin_fit()
     cb.begin_batch()  # builds the distributions on the first batch
 
-    def forbidden(*args, **kwargs): raise AssertionError('host read on the batch path')
-    for attr in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__'):
-        monkeypatch.setattr(torch.Tensor, attr, forbidden)
+    forbid_host_reads(monkeypatch)
     cb.run.xb = xb
     cb.begin_batch()
     loss = cb.run.loss_func(torch.randn(8, 3, requires_grad=True), yb)

@@ -14,7 +14,7 @@ from minilearn.learner import Learner
 from minilearn.losses import (REDUCTIONS, GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy,
                               NoneReduce, SoftBootstrappingLoss, SoftTargetCrossEntropy, SymmetricCrossEntropy,
                               lin_comb, loss_reduction, reduce_loss, smooth_one_hot)
-from tests.helpers import mlp, same_weights, weights
+from helpers import mlp, same_weights, weights
 
 N_CLASSES = 5
 

@@ -15,7 +15,7 @@ from minilearn.core import listify, unwrap_loss
 from minilearn.learner import Callback, CancelTrainException, Learner
 from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
                               SoftBootstrappingLoss, SymmetricCrossEntropy, lin_comb, reduce_loss)
-from tests.helpers import image_data, linear_data, mlp, small_cnn
+from helpers import forbid_host_reads, image_data, linear_data, mlp, small_cnn
 
 
 def attached(mixup: MixUp, xb, yb, in_train=True):
@@ -193,9 +193,7 @@ def test_no_host_reads_on_the_batch_path(monkeypatch):
     mixup.begin_fit()
     mixup.begin_batch()  # builds the distribution on the first batch
 
-    def forbidden(*args, **kwargs): raise AssertionError('host read on the batch path')
-    for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__'):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    forbid_host_reads(monkeypatch)
     mixup.run.xb = xb
     mixup.begin_batch()
     loss = mixup.run.loss_func(torch.randn(8, 3, requires_grad=True), yb)

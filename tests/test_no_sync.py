@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import minilearn
-from helpers import small_cnn
+from helpers import READ_BACK, small_cnn
 from minilearn.callbacks.checkpoint import CheckpointCallback, TerminateOnNaNCallback
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip, RandomResizedCrop
 from minilearn.callbacks.device import ChannelsLast, DeviceCallback
@@ -37,7 +37,6 @@ from minilearn.losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, La
 
 PACKAGE_DIR = os.path.dirname(minilearn.__file__) + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-READ_BACK = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
 
 
 LOSSES = {'cross_entropy': lambda: F.cross_entropy, 'LabelSmoothingCrossEntropy': LabelSmoothingCrossEntropy,

@@ -17,7 +17,7 @@ from minilearn.losses import LabelSmoothingCrossEntropy
 from minilearn.noisy import (LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise, clean_dataset,
                              dataset_labels, find_label_issues, inject_label_noise, out_of_fold_probs,
                              stratified_folds)
-from tests.helpers import mlp
+from helpers import mlp
 
 
 def gen(seed=0):
