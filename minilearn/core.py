@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import re
 import sys
@@ -13,7 +14,8 @@ import torch
 from fastprogress.fastprogress import IN_NOTEBOOK
 
 __all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process', 'check_positive', 'batch_size',
-           'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive']
+           'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive',
+           'optional_import']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -97,3 +99,12 @@ def is_interactive(stream: Any = None) -> bool:
     """True in a notebook or when `stream` (default: the current sys.stdout) is a terminal."""
     stream = sys.stdout if stream is None else stream
     return bool(IN_NOTEBOOK) or bool(getattr(stream, 'isatty', lambda: False)())
+
+
+def optional_import(module: str, needed_by: str, extra: str, package: str | None = None) -> Any:
+    """Import `module` of an optional dependency, or raise an ImportError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{needed_by} needs the {package or extra} package: pip install 'minilearn[{extra}]' "
+                          f"(or pip install {package or extra})") from e

@@ -32,7 +32,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 from torch.utils.data import DataLoader, Subset
 
-from .core import is_interactive
+from .core import is_interactive, optional_import
 from .data.core import DataBunch
 from .data.transforms import show_image
 from .inference import _grid, get_preds
@@ -400,15 +400,6 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
                          f"values in [{int(labels.min())}, {int(labels.max())}]")
 
 
-def _cleanlab_filter() -> Any:
-    try:
-        from cleanlab import filter as cleanlab_filter
-    except ImportError as e:
-        raise ImportError("find_label_issues(labels=..., pred_probs=...) runs confident learning through the "
-                          "cleanlab package: pip install minilearn[cleanlab] (or pip install cleanlab)") from e
-    return cleanlab_filter
-
-
 def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, pred_probs: Any = None,
                       filter_by: str = 'prune_by_noise_rate', return_indices_ranked_by: str | None = None,
                       n_jobs: int | None = 1, **cleanlab_kwargs: Any) -> Any:
@@ -436,7 +427,8 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
         probs = torch.as_tensor(np.asarray(pred_probs.detach().cpu() if isinstance(pred_probs, torch.Tensor)
                                            else pred_probs), dtype=torch.float64)
         _check_probs(probs, labels_t)
-        result = _cleanlab_filter().find_label_issues(
+        result = optional_import('cleanlab.filter', 'confident learning (find_label_issues(labels=..., pred_probs=...))',
+                                 'cleanlab').find_label_issues(
             labels=labels_t.numpy(), pred_probs=probs.numpy(), filter_by=filter_by,
             return_indices_ranked_by=return_indices_ranked_by, n_jobs=n_jobs, **cleanlab_kwargs)
         return torch.from_numpy(np.asarray(result, dtype=bool if return_indices_ranked_by is None else np.int64))

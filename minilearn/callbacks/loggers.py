@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..core import is_main_process
+from ..core import is_main_process, optional_import
 from ..callback import Callback, Order, resuming
 from .metrics import AvgStatsCallback
 
@@ -81,15 +81,6 @@ class CSVLogger(Callback):
                     for row in csv.DictReader(f)]
 
 
-def _summary_writer_class() -> type:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("TensorBoardCallback needs the tensorboard package: pip install 'minilearn[tensorboard]' "
-                          "(or pip install tensorboard)") from e
-    return SummaryWriter
-
-
 class TensorBoardCallback(Callback):
     """Scalars for TensorBoard: per epoch the AvgStats columns, per training step the loss and each group's lr.
 
@@ -101,7 +92,8 @@ class TensorBoardCallback(Callback):
     run_during_lr_find = False
 
     def __init__(self, log_dir: str | Path | None = None):
-        self.writer_class = _summary_writer_class()  # fail at construction when tensorboard is missing
+        # At construction, so that a missing tensorboard fails before any training.
+        self.writer_class = optional_import('torch.utils.tensorboard', 'TensorBoardCallback', 'tensorboard').SummaryWriter
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.writer = None
         self._losses: list[torch.Tensor] = []
