@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .sampler import ResumableLoader, _draw_seed, epoch_order, one_batch
+from .sampler import ResumableLoader, _draw_seed, checked_batches_done, epoch_order, one_batch
 from .transforms import show_batch
 
 __all__ = ['Dataset', 'DataBunch', 'get_dls', 'TensorLoader']
@@ -133,16 +133,7 @@ class TensorLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`: the next iteration yields the rest of its epoch, without loading the batches done."""
-        missing = {'seed', 'epoch', 'batches_done'} - set(state)
-        if missing: raise KeyError(f"TensorLoader.load_state_dict: state lacks {sorted(missing)}; pass what "
-                                   f"state_dict() returned")
-        for key, mine in (('n_items', len(self.dataset)), ('batch_size', self.batch_size), ('shuffle', self.shuffle)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"TensorLoader.load_state_dict: the state was taken with {key}={state[key]}, this "
-                                 f"loader has {key}={mine}; resume with the same data and batch size")
-        done = int(state['batches_done'])
-        if not 0 <= done <= len(self):
-            raise ValueError(f"TensorLoader.load_state_dict: batches_done={done} is outside [0, {len(self)}]")
+        done = checked_batches_done(self, state, n_items=len(self.dataset), shuffle=self.shuffle)
         self.seed, self.epoch, self._skip = int(state['seed']), int(state['epoch']), done
         if done == len(self): self.epoch, self._skip = self.epoch + 1, 0
         self._iter_epoch, self._done = None, 0

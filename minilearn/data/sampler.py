@@ -71,6 +71,21 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, wor
     return idx[rank::world_size]
 
 
+def checked_batches_done(loader: Any, state: dict, n_items: int, shuffle: bool) -> int:
+    """The `batches_done` of a loader `state`, after checking it was taken from a loader like `loader`."""
+    who = f'{type(loader).__name__}.load_state_dict'
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing: raise KeyError(f"{who}: the state lacks {missing}; pass what state_dict() returned")
+    for key, mine in (('n_items', n_items), ('batch_size', loader.batch_size), ('shuffle', shuffle)):
+        if key in state and state[key] != mine:
+            raise ValueError(f"{who}: the state was taken with {key}={state[key]}, this loader has {key}={mine}; "
+                             f"resume with the same data and batch size")
+    done = int(state['batches_done'])
+    if not 0 <= done <= len(loader):
+        raise ValueError(f"{who}: batches_done={done} is outside [0, {len(loader)}]")
+    return done
+
+
 class ResumableSampler(Sampler[int]):
     """Epoch e's item indices: a permutation seeded with `seed + e` (or dataset order), one rank's share of it
     under DDP (padded as DistributedSampler pads, so every rank has as many), from item `start` on.
@@ -168,17 +183,8 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`: the next iteration yields the rest of its epoch, without loading the batches done."""
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing: raise KeyError(f"ResumableLoader.load_state_dict: the state lacks {missing}; pass what "
-                                   f"state_dict() returned")
         sampler = self.sampler
-        for key, mine in (('n_items', sampler.n_items), ('batch_size', self.batch_size), ('shuffle', sampler.shuffle)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"ResumableLoader.load_state_dict: the state was taken with {key}={state[key]}, "
-                                 f"this loader has {key}={mine}; resume with the same data and batch size")
-        done = int(state['batches_done'])
-        if not 0 <= done <= len(self):
-            raise ValueError(f"ResumableLoader.load_state_dict: batches_done={done} is outside [0, {len(self)}]")
+        done = checked_batches_done(self, state, n_items=sampler.n_items, shuffle=sampler.shuffle)
         sampler.seed, sampler.epoch, sampler.start = int(state['seed']), int(state['epoch']), done * self.batch_size
         if done == len(self): sampler.epoch, sampler.start = sampler.epoch + 1, 0
         self._iter_epoch, self._done = None, 0
