@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'CancelTrainException', 'CancelEpochException',
-           'CancelBatchException', 'CANCELS', 'Order', 'resuming', 'resumes_epoch']
+           'CancelBatchException', 'CANCELS', 'Order', 'resuming', 'resumes_epoch', 'require_idx']
 
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
@@ -131,6 +131,16 @@ def resuming(run: Learner) -> bool:
 def resumes_epoch(run: Learner) -> bool:
     """Whether the current training pass continues an epoch begun before (the first epoch of a mid-epoch resume)."""
     return getattr(run, 'start_iter', 0) > 0 and run.epoch == run.start_epoch and run.dl is run.data.train_dl
+
+
+def require_idx(cb: Callback) -> None:
+    """Raise unless the training loader tells each batch's dataset indices (`learn.idx`): for callbacks that keep
+    per-item state, at `begin_fit` (after DistributedCallback has sharded the loaders), before any step."""
+    dl = cb.run.data.train_dl
+    if not hasattr(dl, 'last_idx'):
+        raise ValueError(f"{type(cb).__name__} keeps a state per training item and needs each batch's dataset "
+                         f"indices (learn.idx), which a {type(dl).__name__} does not give: build the data with "
+                         f"DataBunch.from_tensors or DataBunch.from_datasets (get_dls)")
 
 
 class TrainEvalCallback(Callback):

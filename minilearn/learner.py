@@ -81,7 +81,14 @@ def _annotate(exc: BaseException, cb: Callback, event_name: str) -> BaseExceptio
 
 
 class Learner:
-    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events."""
+    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events.
+
+    What callbacks read of the current batch (and may replace through `self.run.<attr> = ...`): `xb`, `yb`
+    (the batch), `idx` (its items' dataset indices, a LongTensor on the batch's device, set before
+    `begin_batch`; None when the loader cannot tell, see `all_batches`), `pred`, `loss`, `iter` (the batch's
+    number in the pass), `iters` (batches in the pass), `in_train`, `dl` (the loader of the pass), `epoch`,
+    `epochs`, `n_epochs` (fractional epochs done), `n_iter` (training batches done), `opt`, `model`.
+    """
 
     def __init__(self, model: nn.Module, data: Any, loss_func: Callable, opt_func: Callable = torch.optim.SGD,
                  lr: float = 1e-2, cbs: Any = None, cb_funcs: Any = None, splitter: Callable | None = None,
@@ -109,7 +116,7 @@ class Learner:
         self.path, self.model_dir = Path(path), model_dir
         self.opt, self.logger, self.grad_scaler = None, print, None
         self.in_train, self.dl = False, None
-        self.xb = self.yb = self.pred = self.loss = None
+        self.xb = self.yb = self.idx = self.pred = self.loss = None
         self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
         self.n_epochs = 0.
         self.cbs: list[Callback] = []
@@ -310,9 +317,13 @@ class Learner:
             self('after_cancel_epoch')
 
     def all_batches(self) -> None:
-        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside)."""
+        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside).
+
+        `idx` is the loader's `last_idx` (TensorLoader, ResumableLoader, their DDP shards: indices into the full
+        dataset), a tensor already made, so reading it costs no host sync; None for loaders without it."""
         self.iters = len(self.dl)
         for i, batch in enumerate(self.dl, self.start_iter if resumes_epoch(self) else 0):
+            self.idx = getattr(self.dl, 'last_idx', None)
             self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod

@@ -39,6 +39,8 @@ class DeviceCallback(Callback):
     def begin_batch(self) -> None:
         self.run.xb = to_device(self.run.xb, self.device)
         self.run.yb = to_device(self.run.yb, self.device)
+        idx = getattr(self.run, 'idx', None)  # the items' indices follow the batch (per-item state lives there)
+        if idx is not None: self.run.idx = to_device(idx, self.device)
 
 
 class CudaCallback(DeviceCallback):
