@@ -210,6 +210,38 @@ def test_the_peer_follows_the_one_cycle_schedule_at_every_step(method):
     assert learn.opt.param_groups[0]['lr'] == LR
 
 
+@pytest.mark.parametrize('method', ['coteaching', 'jocor'])
+def test_the_pure_ratio_is_the_label_precision_of_the_kept_items(method):
+    _, _, clean = tensors()
+    factory = (lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL, clean=clean[:N_TRAIN])) \
+        if method == 'coteaching' else (lambda peer: JoCoR(peer, FORGET, num_gradual=GRADUAL, clean=clean[:N_TRAIN]))
+    learn, cb = learner(factory)
+    model1, model2 = copy.deepcopy(learn.model), copy.deepcopy(cb.peer)
+    torch.manual_seed(5)
+    learn.fit(EPOCHS)
+    torch.manual_seed(5)
+    expected = reference(method, model1, model2, torch.optim.Adam, EPOCHS, clean=clean)
+    names = ['pure_ratio_1', 'pure_ratio_2'] if method == 'coteaching' else ['pure_ratio']
+    assert [row['epoch'] for row in cb.history] == list(range(EPOCHS))
+    assert [[row[n] for n in names] for row in cb.history] == expected  # the same counts, the same division
+    assert cb.history[0][names[0]] == pytest.approx(clean[:N_TRAIN].float().mean().item())  # epoch 0 keeps all
+
+
+def test_the_pure_ratio_needs_the_batch_indices_and_one_flag_per_item():
+    _, _, clean = tensors()
+    x, y, _ = tensors()
+    loader = torch.utils.data.DataLoader(list(zip(x[:N_TRAIN], y[:N_TRAIN])), batch_size=BS)
+    peer = net(2)
+    learn = Learner(net(1), DataBunch(loader, None), F.cross_entropy, lr=LR,
+                    cbs=[CoTeaching(peer, 0.2, clean=clean[:N_TRAIN])])
+    check_refused_before_any_step(learn, peer, ValueError, r'CoTeaching .*needs each batch\'s dataset indices')
+    learn, cb = learner(lambda peer: JoCoR(peer, 0.2, clean=clean))
+    check_refused_before_any_step(learn, cb.peer, ValueError, 'clean has 120 entries for a training set of 90')
+    learn, cb = learner(lambda peer: JoCoR(peer, 0.2))
+    learn.data.train_dl = loader  # without `clean`, the indices are not needed
+    learn.fit(1)
+
+
 def test_validation_and_predictions_use_the_learners_model_alone():
     learn, cb = learner(lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL))
     calls = []
@@ -269,8 +301,9 @@ class Crash(Callback):
 
 @pytest.mark.parametrize('method', ['coteaching', 'jocor'])
 def test_a_mid_epoch_resume_equals_the_uninterrupted_run(method, tmp_path):
-    factory = (lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL)) if method == 'coteaching' else \
-        (lambda peer: JoCoR(peer, FORGET, num_gradual=GRADUAL))
+    clean = tensors()[2][:N_TRAIN]
+    factory = (lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL, clean=clean)) if method == 'coteaching' \
+        else (lambda peer: JoCoR(peer, FORGET, num_gradual=GRADUAL, clean=clean))
     torch.manual_seed(0)
     straight, straight_cb = learner(factory, path=tmp_path / 'straight')
     straight.fit_one_cycle(3)
@@ -288,6 +321,7 @@ def test_a_mid_epoch_resume_equals_the_uninterrupted_run(method, tmp_path):
     theirs = straight_cb.peer_opt.state_dict()['state']
     for key, value in resumed_cb.peer_opt.state_dict()['state'].items():
         for name, tensor in value.items(): assert torch.equal(tensor, theirs[key][name])
+    assert resumed_cb.history == straight_cb.history and len(straight_cb.history) == 3  # the purity counts resumed
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..callback import Callback, Order
+from ..callback import Callback, require_idx
 from ..core import model_device
 from .distributed import DistributedCallback
 from .mixup import MixHandler
@@ -157,6 +157,7 @@ class _PeerTraining(Callback):
             if found is not None:
                 raise ValueError(f"{owner} cannot train with {type(found).__name__}: {why}; remove one of the two")
         if self.clean is not None:
+            require_idx(self)  # the purity counts look the batch's items up in the mask
             dataset = getattr(learn.data.train_dl, 'dataset', None)
             n = len(dataset) if dataset is not None and hasattr(dataset, '__len__') else None
             if n is not None and len(self.clean) != n:
@@ -236,8 +237,7 @@ class _PeerTraining(Callback):
         if self.clean is not None: self._count_clean(n_keep)
 
     def _count_clean(self, n_keep: int) -> None:
-        idx = self.run.idx  # the dataset indices of the batch (checked at begin_fit)
-        clean = self.clean[idx]
+        clean = self.clean[self.run.idx.to(self.clean.device)]  # a no-op where the batch is on the model's device
         self._clean_kept += torch.stack([clean[kept].sum() for kept in self._kept])
         self._n_kept += n_keep
 
