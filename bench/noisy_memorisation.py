@@ -406,9 +406,12 @@ def shard_of(tasks: list[tuple], regimes: dict[str, dict], n: int) -> dict[tuple
 
 
 # ---- statistics, detection, the report ---------------------------------------------------------------------------
+MIN_GAP = 0.5  # points: below this the ceiling is not above CE and a closure is noise divided by noise
+
+
 def gap_closure(method: float, ce: float, clean: float) -> float:
-    """(method − CE) / (CE clean − CE): 0 is CE, 1 closes the gap to the clean-label ceiling."""
-    return (method - ce) / (clean - ce) if clean != ce else float('nan')
+    """(method − CE) / (CE clean − CE): 0 is CE, 1 closes the gap to the clean-label ceiling; NaN without a gap."""
+    return (method - ce) / (clean - ce) if clean - ce >= MIN_GAP else float('nan')
 
 
 def detections(labels: np.ndarray, changed: np.ndarray, ce: dict, cr: dict | None) -> dict[str, tuple]:
@@ -486,7 +489,7 @@ def report(args: argparse.Namespace, regimes: dict, datas: dict, raw: dict, tota
                     cost = f"{cost_ratio(runs[m], runs['ce']):.2f}"
                     if 'ce-clean' in runs and m not in ('ce', 'ce-clean'):
                         gap = ' / '.join(fmt(gap_closure(mean[m][k], mean['ce'][k], mean['ce-clean'][k]), '.0%')
-                                         for k in ('final', 'last5'))
+                                         or 'no gap' for k in ('final', 'last5'))
                 lines.append(f'| {desc} | {hp} | {" | ".join(cells)} | {d_final} | {d_last5} | {gap} | {cost} |')
             lines.append('')
     lines += detection_section(args, regimes, datas, raw)

@@ -1,15 +1,17 @@
 """The memorisation study's smoke mode and its bookkeeping: every row and table, gap closure, resuming, shards."""
 import importlib.util
 import json
+import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
 
 import minilearn
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'bench' / 'noisy_memorisation.py'
-NEWER = {'elr', 'coteach', 'jocor'}  # rows whose callbacks come from minilearn's newest modules
 
 
 @pytest.fixture(scope='module')
@@ -23,6 +25,7 @@ def study():
 def test_gap_closure_and_scores_by_hand(study):
     assert study.gap_closure(80., 60., 95.) == pytest.approx(20 / 35)
     assert study.gap_closure(60., 60., 95.) == 0 and study.gap_closure(95., 60., 95.) == 1
+    assert math.isnan(study.gap_closure(70., 60., 60.2)) and math.isnan(study.gap_closure(70., 60., 50.))
     curve = [50., 70., 90., 80., 60., 55., 52.]
     assert study.scores({'test': curve}, 'ce') == dict(final=52., last5=(90 + 80 + 60 + 55 + 52) / 5, best=90.)
     assert study.scores({'test': curve, 'chosen_epoch': 2}, 'ce-es')['final'] == 90.  # the epoch chosen on val
@@ -30,10 +33,19 @@ def test_gap_closure_and_scores_by_hand(study):
     assert study.cost_ratio(*runs) == pytest.approx((2 + 6) / 2 / 2)
 
 
-def test_every_method_but_the_newest_callbacks_is_available(study):
-    # the newest callbacks may be missing from minilearn until their branches land; nothing else may be
-    assert {m for m in study.ALL_METHODS if not study.available(m)} <= NEWER
-    assert all(study.available(m) == (study.LIBRARY_CALLBACKS[m] in minilearn.__all__) for m in NEWER)
+def test_every_method_is_available_and_wired_to_the_library(study):
+    assert all(study.available(m) for m in study.ALL_METHODS) and study.available('aum')
+    r = study.REGIMES['mnist']
+    peer = partial(study.make_model, 'mlp:8', (1, 4, 4), 10)
+    (co,) = study.method_callbacks('coteach', r, peer, 0.45)
+    (jo,) = study.method_callbacks('jocor', r, peer, 0.3)
+    (elr,) = study.method_callbacks('elr', r, peer, 0.)
+    assert isinstance(co, minilearn.CoTeaching) and isinstance(jo, minilearn.JoCoR) and isinstance(elr, minilearn.ELR)
+    assert (co.forget_rate, co.num_gradual, jo.forget_rate, jo.co_lambda) == (0.45, 10, 0.3, 0.1)
+    assert (elr.beta, elr.lam) == (0.7, 3.0)
+    assert isinstance(co.peer, nn.Module) and co.peer is not jo.peer  # a fresh second network per run
+    (mix,) = study.method_callbacks('mixup', r, peer, 0.)
+    assert isinstance(mix, minilearn.MixUp)
 
 
 def test_arguments_are_checked_before_any_run(study, tmp_path):
