@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Subset
 from .core import is_interactive, optional_import
 from .data.core import DataBunch
 from .data.transforms import show_image
-from .inference import _grid, get_preds
+from .interpret import _grid
+from .predictions import get_preds
 
 if TYPE_CHECKING:
     from .learner import Learner

@@ -1,6 +1,7 @@
-"""The package's import graph points one way: no cycle (function-local imports included), and nothing inside
+"""The package's import graph points one way: no cycle (function-local imports included), nothing inside
 the package but the public API (`_api.py`, which `__init__.py` loads on first use) and `cli.py` imports
-`learner.py`."""
+`learner.py`, and the modules split out of `inference`, `callbacks/metrics`, `data/external` and `data/items`
+sit below the modules that re-export them."""
 import ast
 from pathlib import Path
 
@@ -108,3 +109,20 @@ def test_the_protocol_and_core_import_nothing_above_them():
     assert graph['minilearn.callback'] == {'minilearn.core'}
     data = [name for name in graph if name.startswith('minilearn.data')]
     assert not {dep for name in data for dep in graph[name] if dep.startswith('minilearn.callback')}
+
+
+def test_the_split_modules_point_one_way():
+    """Each concept split out of a two-concept module imports nothing above it; the old module re-exports it."""
+    graph = _graph()
+    assert graph['minilearn.metrics'] <= {'minilearn.core'}  # metric functions: no callback, no learner
+    assert 'minilearn.metrics' in graph['minilearn.callbacks.metrics']
+    assert graph['minilearn.inference'] == {'minilearn.predictions', 'minilearn.interpret', 'minilearn.model_summary'}
+    above = {'minilearn.inference', 'minilearn.interpret', 'minilearn.model_summary'}
+    assert not graph['minilearn.predictions'] & above
+    assert 'minilearn.predictions' in graph['minilearn.interpret'] & graph['minilearn.model_summary']
+    assert 'minilearn.interpret' not in graph['minilearn.model_summary']
+    assert 'minilearn.model_summary' not in graph['minilearn.interpret']
+    assert 'minilearn.data.formats' in graph['minilearn.data.external']  # downloads re-export the readers
+    assert 'minilearn.data.external' not in graph['minilearn.data.formats']
+    assert 'minilearn.data.cache' in graph['minilearn.data.items']  # item lists decode through the cache
+    assert 'minilearn.data.items' not in graph['minilearn.data.cache']  # (its type hints: under TYPE_CHECKING)
