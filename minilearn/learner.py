@@ -19,7 +19,7 @@ from .checks import check_batch, check_dataset_targets
 from .core import check_positive, listify
 from .export import export_learner
 from .inference import get_preds, predict, show_results, summary, tta
-from .serialization import load_for_resume, load_learner_state, save_learner
+from .serialization import ReadCheckpoint, load_for_resume, load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -226,11 +226,12 @@ class Learner:
         self.opt = self.opt_func(groups, lr=self.lr)
 
     def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0,
-            resume: str | Path | None = None) -> None:
+            resume: str | Path | ReadCheckpoint | None = None) -> None:
         """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming).
 
-        `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s) to load first and continue from
-        where it was written, inside an epoch included; the run then ends as the uninterrupted one would.
+        `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s; its path, or `read_checkpoint(path)`) to
+        load first and continue from where it was written, inside an epoch included; the run then ends as the
+        uninterrupted one would.
         A fit that fails before its first optimizer step leaves the model, optimizer and step counters as they
         were (what a resume loaded included; the callback states, random generators and loader position it
         loaded stay).

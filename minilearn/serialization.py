@@ -22,7 +22,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from .callback import has_state
 from .core import is_main_process, unwrap_partial
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
-           'load_for_resume', 'training_position', 'has_position', 'get_rng_states', 'set_rng_states']
+           'ReadCheckpoint', 'read_checkpoint', 'load_for_resume', 'training_position', 'has_position',
+           'get_rng_states', 'set_rng_states']
 
 _FORMAT = 'minilearn-checkpoint'
 _VERSION = 1  # `iter`, `epochs` and `loader` were added without a new version: older files lack them (iter 0)
@@ -358,12 +359,25 @@ def _check_resume_args(ckpt: dict, path: Path, epochs: int, start_epoch: int, re
     return epoch, it
 
 
-def load_for_resume(learn: Any, path: str | Path, epochs: int, start_epoch: int = 0,
+class ReadCheckpoint(NamedTuple):
+    """A checkpoint file and what `read_checkpoint` read from it: `fit(resume=...)` takes it without reading again."""
+    path: Path
+    state: dict
+
+
+def read_checkpoint(path: str | Path) -> ReadCheckpoint:
+    """Read a checkpoint written by `learn.save` (format checked), to look at its position before resuming from it."""
+    path = Path(path)
+    state = safe_load(path)
+    _check_format(state, path)
+    return ReadCheckpoint(path, state)
+
+
+def load_for_resume(learn: Any, resume: str | Path | ReadCheckpoint, epochs: int, start_epoch: int = 0,
                     reset_opt: bool = False) -> tuple[int, int]:
-    """Load a checkpoint for `learn.fit(epochs, resume=path)`; returns (epoch to start, batches of it done)."""
-    path = checkpoint_path(learn, path)
-    ckpt = safe_load(path)
-    _check_format(ckpt, path)
+    """Load a checkpoint (a path, or one already read) for `learn.fit(epochs, resume=...)`; returns (epoch to
+    start, batches of it done)."""
+    path, ckpt = resume if isinstance(resume, ReadCheckpoint) else read_checkpoint(checkpoint_path(learn, resume))
     position = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
     _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True, resume=True)
     return position

@@ -1,8 +1,10 @@
-"""The package's import graph points one way: no cycle (function-local imports included), nothing inside
-the package but the public API (`_api.py`, which `__init__.py` loads on first use) and `cli.py` imports
-`learner.py`, and the modules split out of `inference`, `callbacks/metrics`, `data/external` and `data/items`
-sit below the modules that re-export them."""
+"""The package's import graph points one way: no cycle (function-local imports included); nothing inside
+the package but the public API (`_api.py`, which `__init__.py` loads on first use) and the `minilearn train` job
+(`train_job.py`) imports `learner.py`; `cli.py` imports only the standard library and the torch-free
+`train_spec.py` at the top, and the job once, inside `main`; the modules split out of `inference`,
+`callbacks/metrics`, `data/external` and `data/items` sit below the modules that re-export them."""
 import ast
+import sys
 from pathlib import Path
 
 import minilearn
@@ -98,9 +100,45 @@ def test_no_import_cycle_in_the_package():
     assert _cycles(_graph()) == []
 
 
-def test_only_init_and_cli_import_the_learner():
+def test_only_the_api_and_the_train_job_import_the_learner():
     importers = sorted(name for name, deps in _graph().items() if 'minilearn.learner' in deps)
-    assert importers == ['minilearn._api', 'minilearn.cli']  # _api: the names `minilearn/__init__.py` loads on first use
+    assert importers == ['minilearn._api', 'minilearn.train_job']  # _api: what `minilearn/__init__.py` loads on use
+
+
+def _top_and_local_imports(path: Path) -> tuple[set[str], list[str]]:
+    """The modules `path` imports at module level (`from . import x` as the package), and those imported inside
+    functions, in order (relative ones as `.name`)."""
+    top, local = set(), []
+
+    def names(node: ast.Import | ast.ImportFrom) -> list[str]:
+        if isinstance(node, ast.Import): return [alias.name for alias in node.names]
+        return ['.' * node.level + (node.module or '')]
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if in_function: local.extend(names(node))
+            else: top.update(names(node))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return top, local
+
+
+def _standard(name: str) -> bool:
+    return name.split('.')[0] in sys.stdlib_module_names or name == '__future__'
+
+
+def test_cli_imports_the_standard_library_and_reaches_the_job_once():
+    top, local = _top_and_local_imports(PACKAGE / 'cli.py')
+    # '.': the package itself, for __version__ (torch-free, and imported already with any of its modules)
+    assert {name for name in top if not _standard(name)} == {'.', '.train_spec'}
+    assert local == ['.train_job']  # inside main, once the command line is checked
+    spec_top, spec_local = _top_and_local_imports(PACKAGE / 'train_spec.py')
+    assert all(_standard(name) for name in spec_top) and spec_local == []
+    assert _graph()['minilearn.train_spec'] == set()  # what cli.py and the job share imports nothing of the package
+    job = _graph()['minilearn.train_job']
+    assert 'minilearn.learner' in job and 'minilearn.train_spec' in job and 'minilearn.cli' not in job
 
 
 def test_the_protocol_and_core_import_nothing_above_them():
