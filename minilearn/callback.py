@@ -74,6 +74,16 @@ class Callback:
     `begin_fit`, `begin_epoch` (training pass), `begin_batch`, `after_pred`, `after_loss`, `after_backward`,
     `after_step`, `after_cancel_batch`, `after_batch` (training and validation), `after_cancel_epoch`,
     `begin_validate`, `after_epoch`, `after_cancel_train`, `after_fit` (always runs, in reverse `_order`).
+
+    The learner's state that callbacks share (read as `self.<name>`, set as `self.run.<name> = ...` and put back
+    in `after_fit`): `model`, `data`, `loss_func`, `opt`, `logger`, `grad_scaler`; the batch `xb`, `yb`, `pred`,
+    `loss`; the position `epoch`, `epochs`, `start_epoch`, `start_iter`, `iter`, `iters`, `n_epochs`, `n_iter`,
+    `in_train`, `dl`; and, for the processes of a distributed fit, `rank` and `world_size` (0 and 1 unless
+    DistributedCallback sets them; on other ranks than 0 callbacks with `main_process_only` get no event),
+    `fit_device` (where the fit puts the model and batches, None when no callback chose: DistributedCallback
+    sets this process's device, else DeviceCallback its own) and the collectives `all_reduce(t)` (sum over the
+    processes) and `all_gather_rows(t)` (rows of every process), `t` itself on one process. Callbacks
+    cooperate through these and `find_cb`; none sets another's attributes.
     """
     _order: float = Order.DEFAULT  # position among the callbacks at every event (see `Order`)
     run: Learner | None = None  # the learner this callback is attached to (set by `set_runner`)

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
-                       TrainEvalCallback, callback_name, resumes_epoch)
-from .callbacks.distributed import distrib_ctx
+                       TrainEvalCallback, callback_name, flag, resumes_epoch)
+from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
@@ -108,7 +109,7 @@ class Learner:
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
         self.opt, self.logger, self.grad_scaler = None, print, None
-        self.in_train, self.dl = False, None
+        self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
         self.xb = self.yb = self.pred = self.loss = None
         self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
         self.n_epochs = 0.
@@ -170,15 +171,19 @@ class Learner:
         self._handlers = None
 
     def _handler_table(self) -> dict[str, list[Callback]]:
-        # Which callbacks handle which event, in `_order` (stable for ties); callbacks that override
-        # `__call__` (like the course's DebugCallback) receive every event. `after_fit` runs in reverse
-        # order, so the swaps callbacks made at begin_fit unwind like nested `with` blocks.
+        # Which callbacks handle which event, in `_order` (stable for ties), from their classes alone; callbacks
+        # that override `__call__` (like the course's DebugCallback) receive every event. `after_fit` runs in
+        # reverse order, so the swaps callbacks made at begin_fit unwind like nested `with` blocks.
         if self._handlers is None:
             ordered = sorted(self.cbs, key=lambda cb: cb._order)
             self._handlers = {e: [cb for cb in ordered if type(cb).__call__ is not Callback.__call__
-                                  or callable(getattr(type(cb), e, None)) or e in vars(cb)] for e in EVENTS}
+                                  or callable(getattr(type(cb), e, None))] for e in EVENTS}
             self._handlers['after_fit'].reverse()
         return self._handlers
+
+    def _skips(self, cb: Callback) -> bool:
+        # Rank 0 alone logs and writes files; read at each call, as DistributedCallback sets the rank in begin_fit.
+        return self.rank != 0 and flag(cb, 'main_process_only')
 
     def __call__(self, event_name: str) -> bool:
         """Fire `event_name` on every callback in `_order`; True when any handler asked to skip."""
@@ -187,6 +192,7 @@ class Learner:
             raise ValueError(f"unknown event {event_name!r}; valid events: {', '.join(EVENTS)}")
         skip = False
         for cb in handlers:
+            if self._skips(cb): continue
             try:
                 skip = cb(event_name) or skip
             except CANCELS:
@@ -203,6 +209,7 @@ class Learner:
         # When fit is already failing (`failure`), that exception propagates unchanged and these are warned.
         first_error = None
         for cb in self._handler_table()['after_fit']:
+            if self._skips(cb): continue
             try:
                 cb('after_fit')
             except Exception as e:
@@ -373,6 +380,19 @@ class Learner:
         else:
             self.grad_scaler.step(self.opt)
             self.grad_scaler.update()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes of a distributed fit (a collective: every rank calls it); `t` on one."""
+        if self.world_size == 1: return t
+        t = t.to(self.fit_device)  # NCCL reduces tensors on this process's GPU only
+        dist.all_reduce(t)
+        return t
+
+    def all_gather_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Every process's rows of `t` joined along dim 0 (they may hold different numbers, or None; a collective);
+        `t` on one process."""
+        if self.world_size == 1: return t
+        return all_gather_rows(t, self.fit_device)
 
     def norm_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (mean, std) the learner's BatchTransformXCallback normalizes with; None when it normalizes nothing."""

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..core import batch_size, callable_name, listify
 from ..callback import Callback, resuming
@@ -85,8 +84,8 @@ class AccumMetric:
     For F1, precision/recall, balanced accuracy, AUROC...: the mean of per-batch values is not the value on the
     epoch. Predictions stay on their device (no host read per batch); `to_cpu=True` keeps them in host memory
     instead (copied from CUDA without waiting). `activation` is None, 'softmax', 'sigmoid', 'argmax' (over
-    dim 1) or a function, applied once to the joined predictions. Under DistributedDataParallel the
-    predictions of every rank are gathered before `func` runs (`all_gather`, called by DistributedCallback).
+    dim 1) or a function, applied once to the joined predictions. In a distributed fit the predictions of
+    every rank are gathered before `func` runs (`all_gather`, called by `AvgStats.sync`).
     Has torchmetrics' protocol (`update`, `compute`, `reset`); `AvgStats` works on its own copy.
     """
 
@@ -143,11 +142,12 @@ class AccumMetric:
         activation = _ACTIVATIONS[self.activation] if isinstance(self.activation, str) else self.activation
         return self.func(preds if activation is None else activation(preds), targets)
 
-    def all_gather(self, device: torch.device | str | None = None) -> None:
-        """Replace the kept predictions and targets by those of every rank of torch.distributed (collective)."""
+    def all_gather(self, gather: Callable[[torch.Tensor | None], torch.Tensor | None]) -> None:
+        """Replace the kept predictions and targets by those of every process, joined by `gather`
+        (`learn.all_gather_rows`, a collective)."""
         preds, targets = self._joined()
-        home = torch.device('cpu') if self.to_cpu else None
-        preds, targets = _all_gather_rows(preds, device, home), _all_gather_rows(targets, device, home)
+        preds, targets = gather(preds), gather(targets)
+        if self.to_cpu and preds is not None: preds, targets = preds.cpu(), targets.cpu()
         self.preds, self.targets = ([], []) if preds is None else ([preds], [targets])
 
     def state_dict(self) -> dict:
@@ -163,27 +163,6 @@ class AccumMetric:
 
     def __repr__(self) -> str:
         return f'AccumMetric({metric_name(self.func)}, name={self.__name__!r})'
-
-
-def _all_gather_rows(t: torch.Tensor | None, device: Any, home: torch.device | None) -> torch.Tensor | None:
-    """Every rank's `t` joined along dim 0 (ranks may hold different numbers of rows, or none)."""
-    meta = None if t is None else (t.shape[0], tuple(t.shape[1:]), str(t.dtype).replace('torch.', ''))
-    metas: list = [None] * dist.get_world_size()
-    dist.all_gather_object(metas, meta)
-    known = [m for m in metas if m is not None]
-    if not known: return t
-    if any(m[1:] != known[0][1:] for m in known):
-        raise RuntimeError(f"AccumMetric: the ranks kept predictions or targets of different shapes or dtypes "
-                           f"({sorted({m[1:] for m in known})}); every rank must give the same per-item shape")
-    trailing, dtype = known[0][1], getattr(torch, known[0][2])
-    device = torch.device(device) if device is not None else (t.device if t is not None else torch.device('cpu'))
-    rows = [0 if m is None else m[0] for m in metas]
-    padded = torch.zeros((max(rows),) + trailing, dtype=dtype, device=device)  # all_gather needs one shape
-    if t is not None: padded[:t.shape[0]] = t.to(device)
-    out = [torch.empty_like(padded) for _ in metas]
-    dist.all_gather(out, padded)
-    home = home if home is not None else (t.device if t is not None else device)
-    return torch.cat([o[:n] for o, n in zip(out, rows)]).to(home)
 
 
 def _metric_factory(func: Callable) -> Callable:
@@ -383,17 +362,16 @@ class AvgStats:
         prefix = 'train' if self.in_train else 'valid'
         return [f'{prefix}_loss'] + [f'{prefix}_{metric_name(m)}' for m in self.metrics]
 
-    def sync(self, device: torch.device | str | None = None) -> None:
-        """Make this pass that of every rank of torch.distributed: counts and sums all-reduced, AccumMetric
-        predictions all-gathered (collectives, once per epoch; DistributedCallback calls it). Other
-        whole-pass metrics synchronise themselves in `compute()`, as torchmetrics' do."""
+    def sync(self, run: Any) -> None:
+        """Make this pass that of every process of `run`'s fit: counts and sums summed (`run.all_reduce`),
+        AccumMetric predictions gathered (`run.all_gather_rows`); collectives, once per epoch (AvgStatsCallback
+        calls them). Other whole-pass metrics synchronise themselves in `compute()`, as torchmetrics' do."""
         values = [self.count, self.tot_loss, *self._tot_avg]
-        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
-        dist.all_reduce(flat)
-        totals = flat.tolist()  # once per epoch
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(run.fit_device).reshape(()) for v in values])
+        totals = run.all_reduce(flat).tolist()  # once per epoch
         self.count, self._tot_loss, self._tot_avg = int(totals[0]), totals[1], totals[2:]
         for m in self.metrics:
-            if isinstance(m, AccumMetric): m.all_gather(device)
+            if isinstance(m, AccumMetric): m.all_gather(run.all_gather_rows)
 
     def state_dict(self, next_iter: int | None = None) -> dict:
         """The pass so far (counts, sums, the values not summed yet, whole-pass metrics' states), on the CPU.
@@ -473,6 +451,8 @@ class AvgStatsCallback(Callback):
 
     def after_epoch(self) -> None:
         elapsed = time.time() - self.start_time
+        if self.run.world_size > 1:  # every process reports the figures of the whole dataset
+            for stats in (self.train_stats, self.valid_stats): stats.sync(self.run)
         has_valid = self.run.data.valid_dl is not None
         values = self.train_stats.avg_stats + (self.valid_stats.avg_stats if has_valid
                                                else [None] * len(self.valid_stats.names))
