@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..callback import Callback, CancelTrainException, Order, resuming
+from ..callback import Callback, CancelTrainException, Order
 from ..core import is_interactive, model_device
 from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
 from .metrics import AvgStatsCallback
@@ -55,7 +55,7 @@ class TrackerCallback(Callback):
 
     def begin_fit(self) -> None:
         self._check_monitor()
-        if not resuming(self.run): self.best = math.inf if self.mode == 'min' else -math.inf
+        if not self.run.position.resuming: self.best = math.inf if self.mode == 'min' else -math.inf
 
     def _current(self) -> float:
         row = self.stats.history[-1]
@@ -117,7 +117,7 @@ class EarlyStoppingCallback(TrackerCallback):
 
     def begin_fit(self) -> None:
         super().begin_fit()
-        if not resuming(self.run): self.wait, self.best_epoch = 0, None
+        if not self.run.position.resuming: self.wait, self.best_epoch = 0, None
 
     def after_epoch(self) -> None:
         value = self._current()
