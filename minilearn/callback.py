@@ -93,9 +93,9 @@ class Callback:
     `after_step`, `after_cancel_batch`, `after_batch` (training and validation), `after_cancel_epoch`,
     `begin_validate`, `after_epoch`, `after_cancel_train`, `after_fit` (always runs, in reverse `_order`).
 
-    Learner attributes a callback reads (through `self.run`, or `self.<name>`): `position` (a `Position`: where the
-    fit starts, `position.resuming` when it continues an earlier one; callbacks that keep records across fits read
-    it at `begin_fit`, and restore their own state in `load_state_dict`, whatever the resume).
+    Learner state a callback reads (`self.run.<attr>`, or `self.<attr>`) includes `position`, a `Position`: where
+    the fit starts. A callback restores its own state in `load_state_dict`, however the fit is resumed, and at
+    `begin_fit` keeps what it holds only when `position.resuming`.
     """
     _order: float = Order.DEFAULT  # position among the callbacks at every event (see `Order`)
     run: Learner | None = None  # the learner this callback is attached to (set by `set_runner`)
@@ -155,8 +155,8 @@ class TrainEvalCallback(Callback):
         self.run.n_iter = start.epoch * n_batches + start.batches_done
 
     def begin_epoch(self) -> None:
-        done = self.run.position.done_in(self.run.epoch)  # 0 but in the epoch a fit resumes inside
-        self.run.n_epochs = self.run.epoch + done / len(self.run.dl) if done else float(self.run.epoch)
+        # batches done: 0 but in the epoch a fit resumes inside (then after_batch's expression, as at begin_fit)
+        self.run.n_epochs = self.run.epoch + self.run.position.done_in(self.run.epoch) / len(self.run.dl)
         self.run.model.train()
         self.run.in_train = True
 

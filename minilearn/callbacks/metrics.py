@@ -383,6 +383,7 @@ class AvgStats:
         metric.update(pred, yb)
 
     def _to_device(self, loss: Any) -> None:
+        # First batch after load_state_dict: the loaded sums follow the batches' device.
         self._loaded = False
         device = getattr(loss, 'device', None)
         if device is None: return
@@ -459,7 +460,8 @@ class AvgStats:
         uninterrupted one (bit-identical figures). A whole-pass metric other than AccumMetric is saved through its
         own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
         """
-        return {'count': self.count, 'n_batches': self.n_batches, 'tot_loss': _to_host(self._tot_loss), 'tot_avg': [_to_host(v) for v in self._tot_avg],
+        return {'count': self.count, 'n_batches': self.n_batches,
+                'tot_loss': _to_host(self._tot_loss), 'tot_avg': [_to_host(v) for v in self._tot_avg],
                 'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
                 'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
                             for m, is_epoch in zip(self.metrics, self._epoch)]}
