@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
-                       TrainEvalCallback, callback_name, flag, resumes_epoch)
+                       Position, TrainEvalCallback, callback_name, flag)
 from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
@@ -111,8 +111,8 @@ class Learner:
         self.opt, self.logger, self.grad_scaler = None, print, None
         self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
         self.xb = self.yb = self.pred = self.loss = None
-        self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
-        self.n_epochs = 0.
+        self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
+        self.n_epochs, self.position = 0., Position()  # where the current (or last) fit started
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
         self._preflight_pending = self._stepped = False
@@ -245,24 +245,24 @@ class Learner:
         """
         self._check_fit_args(epochs, start_epoch)
         cbs = listify(cbs)
-        added, self.start_iter = [], 0
+        added, position = [], Position(start_epoch)
         before = _FitSnapshot(self, loaded=resume is not None)
         try:
             for cb in cbs:
                 self.add_cb(cb)
                 added.append(cb)
             if resume is not None:
-                start_epoch, self.start_iter = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
+                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
         except Exception:
             self.remove_cbs(added)
             raise
         failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
-            self.epochs, self.start_epoch, self.loss = epochs, start_epoch, torch.tensor(0.)
+            self.epochs, self.position, self.loss = epochs, position, torch.tensor(0.)
             self._preflight_pending = True
             self('begin_fit')
-            for epoch in range(start_epoch, epochs):
+            for epoch in range(position.epoch, epochs):
                 self.epoch = epoch
                 self._do_epoch()
         except CancelTrainException:
@@ -277,6 +277,16 @@ class Learner:
             finally:
                 self.remove_cbs(cbs)
                 self._release_batch()
+
+    @property
+    def start_epoch(self) -> int:
+        """Completed epochs the current (or last) fit started after: `position.epoch` (read-only)."""
+        return self.position.epoch
+
+    @property
+    def start_iter(self) -> int:
+        """Training batches of its first epoch done before the fit started: `position.batches_done` (read-only)."""
+        return self.position.batches_done
 
     def _release_batch(self) -> None:
         # Keep the last batch's values for inspection, but not its autograd graph.
@@ -320,7 +330,7 @@ class Learner:
     def all_batches(self) -> None:
         """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside)."""
         self.iters = len(self.dl)
-        for i, batch in enumerate(self.dl, self.start_iter if resumes_epoch(self) else 0):
+        for i, batch in enumerate(self.dl, self.position.done_in(self.epoch) if self.dl is self.data.train_dl else 0):
             self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..core import batch_size, callable_name, listify
-from ..callback import Callback, resuming
+from ..callback import Callback
 from ..metrics import _balanced_accuracy, _score, _top_k_accuracy, accuracy  # accuracy: re-exported
 
 __all__ = ['accuracy', 'AccumMetric', 'top_k_accuracy', 'balanced_accuracy', 'f1_score', 'precision_score',
@@ -264,7 +264,6 @@ class AvgStats:
             raise ValueError(f"two metrics are named {twice[0]!r} (one column each): give one another name, "
                              f"e.g. AccumMetric(func, name=...)")
         self._devices: list = [None] * len(self.metrics)
-        self._restored, self._next_iter = False, 0  # a loaded pass, and the loop's index of its next batch
         self.reset()
 
     def reset(self) -> None:
@@ -272,13 +271,13 @@ class AvgStats:
         self.count, self.n_batches, self._tot_loss = 0, 0, 0.
         self._tot_avg = [0.] * self._epoch.count(False)  # sums of the averaged metrics
         self._pending: list[tuple[int, Any, list]] = []  # (batch size, loss, averaged metric values) not summed yet
-        self._restored = False
+        self._loaded = False  # sums restored on the CPU by load_state_dict: moved to the next batch's device
         for m, is_epoch in zip(self.metrics, self._epoch):
             if is_epoch: m.reset()
 
     def accumulate(self, run: Any) -> None:
         """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
-        if self._restored: self._continue(run)
+        if self._loaded: self._to_device(run.loss)
         bn = batch_size(run.xb, run.yb)
         self.count += bn
         self.n_batches += 1
@@ -299,14 +298,10 @@ class AvgStats:
                     self.metrics[i] = metric = moved
         metric.update(pred, yb)
 
-    def _continue(self, run: Any) -> None:
-        # First batch after load_state_dict: the loop continues the saved pass at its next batch (an exact
-        # resume), or starts it again (then the saved part is dropped). The sums follow the batches' device.
-        self._restored = False
-        if getattr(run, 'iter', None) != self._next_iter:
-            self.reset()
-            return
-        device = getattr(run.loss, 'device', None)
+    def _to_device(self, loss: Any) -> None:
+        # First batch after load_state_dict: the loaded sums follow the batches' device.
+        self._loaded = False
+        device = getattr(loss, 'device', None)
         if device is None: return
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
         self._tot_loss, self._tot_avg = move(self._tot_loss), [move(v) for v in self._tot_avg]
@@ -373,35 +368,31 @@ class AvgStats:
         for m in self.metrics:
             if isinstance(m, AccumMetric): m.all_gather(run.all_gather_rows)
 
-    def state_dict(self, next_iter: int | None = None) -> dict:
+    def state_dict(self) -> dict:
         """The pass so far (counts, sums, the values not summed yet, whole-pass metrics' states), on the CPU.
-
-        `next_iter` is the loop's index of the pass's next batch (by default the number of batches seen; more
-        when a batch was cancelled before its loss): a resume that starts there continues the pass.
 
         The values not summed yet are kept as they are, so a resumed pass sums them in the same order as an
         uninterrupted one (bit-identical figures). A whole-pass metric other than AccumMetric is saved through its
         own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
         """
         return {'count': self.count, 'n_batches': self.n_batches,
-                'next_iter': self.n_batches if next_iter is None else int(next_iter),
                 'tot_loss': _to_host(self._tot_loss), 'tot_avg': [_to_host(v) for v in self._tot_avg],
                 'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
                 'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
                             for m, is_epoch in zip(self.metrics, self._epoch)]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned; the next batch continues that pass if it is its next batch."""
+        """Restore what `state_dict` returned: the next batch continues that pass."""
         if len(state['metrics']) != len(self.metrics) or len(state['tot_avg']) != len(self._tot_avg):
             raise ValueError(f"the saved statistics have {len(state['metrics'])} metrics, this AvgStats has "
                              f"{len(self.metrics)} ({', '.join(self.names[1:])}): build it with the same metrics")
         self.reset()
         self.count, self.n_batches, self._tot_loss = int(state['count']), int(state['n_batches']), state['tot_loss']
-        self._tot_avg, self._next_iter = list(state['tot_avg']), int(state.get('next_iter', state['n_batches']))
+        self._tot_avg = list(state['tot_avg'])
         self._pending = [(int(bn), loss, list(values)) for bn, loss, values in state['pending']]
         for m, saved in zip(self.metrics, state['metrics']):
             if saved is not None and callable(getattr(m, 'load_state_dict', None)): m.load_state_dict(saved)
-        self._restored = True
+        self._loaded = True
 
     def __repr__(self) -> str:
         if not self.count: return ''
@@ -414,16 +405,15 @@ class AvgStatsCallback(Callback):
     `metrics` are functions `metric(pred, yb)` averaged over the items (`accuracy`), or objects with
     torchmetrics' `update`/`compute`/`reset` computed over the whole pass (`AccumMetric`, `f1_score()`,
     `balanced_accuracy()`, `top_k_accuracy(k)`, torchmetrics metrics). A checkpoint taken inside an epoch
-    (`state_dict()` between `begin_epoch` and `after_epoch`) holds the epoch's passes so far, which a resume
-    of that epoch continues exactly; at an epoch boundary only `history` is saved.
+    (`state_dict()` between `begin_epoch` and `after_epoch`) holds the epoch's passes so far, which a fit resumed
+    inside that epoch (`learn.position`) continues exactly; at an epoch boundary only `history` is saved.
     """
     run_during_lr_find = False
 
     def __init__(self, metrics: Any = None):
         self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)
         self.history: list[dict] = []
-        self._open_epoch: int | None = None  # the epoch under way, between begin_epoch and after_epoch
-        self._partial: dict | None = None  # a loaded mid-epoch state, continued by begin_epoch of its epoch
+        self._in_epoch = False  # between begin_epoch and after_epoch: a checkpoint holds the passes so far
 
     @property
     def metric_names(self) -> list[str]:
@@ -431,18 +421,14 @@ class AvgStatsCallback(Callback):
         return ['epoch'] + self.train_stats.names + self.valid_stats.names + ['time']
 
     def begin_fit(self) -> None:
-        if not resuming(self.run): self.history = []  # resuming keeps the loaded history
+        if not self.run.position.resuming: self.history = []  # resuming keeps the loaded history
         self.run.logger(self.metric_names)
 
     def begin_epoch(self) -> None:
-        partial, self._partial = self._partial, None
-        if partial is not None and partial['epoch'] == self.run.epoch:
-            self.train_stats.load_state_dict(partial['train'])
-            self.valid_stats.load_state_dict(partial['valid'])
-        else:
+        if not self.run.position.done_in(self.run.epoch):  # else the fit resumes inside it: the loaded passes go on
             self.train_stats.reset()
             self.valid_stats.reset()
-        self._open_epoch = self.run.epoch
+        self._in_epoch = True
         self.start_time = time.time()
 
     def after_loss(self) -> None:
@@ -458,24 +444,28 @@ class AvgStatsCallback(Callback):
                                                else [None] * len(self.valid_stats.names))
         row = {'epoch': self.run.epoch, **dict(zip(self.metric_names[1:-1], values)), 'time': elapsed}
         self.history.append(row)
-        self._open_epoch = None
+        self._in_epoch = False
         self.run.logger([str(self.run.epoch)] + ['-' if v is None else f'{v:.6f}' for v in values]
                         + [format_time(elapsed)])
 
     def after_fit(self) -> None:
-        self._open_epoch = None
+        self._in_epoch = False
 
     def state_dict(self) -> dict:
         """`history`, and inside an epoch the passes so far (sums, AccumMetric predictions) for an exact resume."""
         state: dict = {'history': [dict(r) for r in self.history]}
-        if self._open_epoch is not None:
-            run = self.run
-            next_iter = run.iter + 1 if run.in_train else None  # the batch a checkpoint written now resumes at
-            state['partial'] = {'epoch': self._open_epoch, 'train': self.train_stats.state_dict(next_iter),
+        if self._in_epoch:
+            state['partial'] = {'epoch': self.run.epoch, 'train': self.train_stats.state_dict(),
                                 'valid': self.valid_stats.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned; a mid-epoch part is continued when that epoch begins again."""
+        """Restore what `state_dict` returned: `history`, and the passes (empty at an epoch boundary)."""
+        partial = state.get('partial')
+        if partial is not None:
+            self.train_stats.load_state_dict(partial['train'])
+            self.valid_stats.load_state_dict(partial['valid'])
+        else:
+            self.train_stats.reset()
+            self.valid_stats.reset()
         self.history = [dict(r) for r in state['history']]
-        self._partial = state.get('partial')
