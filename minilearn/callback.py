@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'CancelTrainException', 'CancelEpochException',
-           'CancelBatchException', 'CANCELS', 'Order', 'Position']
+           'CancelBatchException', 'CANCELS', 'Order', 'Position', 'require_idx']
 
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
@@ -95,7 +95,8 @@ class Callback:
 
     The learner's state that callbacks share (read as `self.<name>`, set as `self.run.<name> = ...` and put back
     in `after_fit`): `model`, `data`, `loss_func`, `opt`, `logger`, `grad_scaler`; the batch `xb`, `yb`, `pred`,
-    `loss`; the loop's counters `epoch`, `epochs`, `iter`, `iters`, `n_epochs`, `n_iter`, `in_train`, `dl`;
+    `loss`, `idx` (each item's dataset index, on the batch's device; None when the loader cannot tell); the
+    loop's counters `epoch`, `epochs`, `iter`, `iters`, `n_epochs`, `n_iter`, `in_train`, `dl`;
     `position`, a `Position`: where the fit starts (a callback restores its own state in `load_state_dict`,
     however the fit is resumed, and at `begin_fit` keeps what it holds only when `position.resuming`); and, for
     the processes of a distributed fit, `rank` and `world_size` (0 and 1 unless DistributedCallback sets them; on
@@ -151,6 +152,16 @@ def flag(cb: Any, name: str) -> Any:
 def has_state(cb: Callback) -> bool:
     """Whether `cb` overrides `state_dict` (its state goes into checkpoints)."""
     return getattr(type(cb), 'state_dict', None) is not Callback.state_dict and callable(getattr(cb, 'state_dict', None))
+
+
+def require_idx(cb: Callback) -> None:
+    """Raise unless the training loader tells each batch's dataset indices (`learn.idx`): for callbacks that keep
+    per-item state, at `begin_fit` (after DistributedCallback has sharded the loaders), before any step."""
+    dl = cb.run.data.train_dl
+    if not hasattr(dl, 'last_idx'):
+        raise ValueError(f"{type(cb).__name__} keeps a state per training item and needs each batch's dataset "
+                         f"indices (learn.idx), which a {type(dl).__name__} does not give: build the data with "
+                         f"DataBunch.from_tensors or DataBunch.from_datasets (get_dls)")
 
 
 class TrainEvalCallback(Callback):

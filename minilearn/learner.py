@@ -82,7 +82,11 @@ def _annotate(exc: BaseException, cb: Callback, event_name: str) -> BaseExceptio
 
 
 class Learner:
-    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events."""
+    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events.
+
+    The state callbacks read and share (`xb`, `yb`, `idx`, `pred`, `loss`, the counters, `position`, `rank`...) is
+    listed once, in the `Callback` docstring.
+    """
 
     def __init__(self, model: nn.Module, data: Any, loss_func: Callable, opt_func: Callable = torch.optim.SGD,
                  lr: float = 1e-2, cbs: Any = None, cb_funcs: Any = None, splitter: Callable | None = None,
@@ -110,7 +114,7 @@ class Learner:
         self.path, self.model_dir = Path(path), model_dir
         self.opt, self.logger, self.grad_scaler = None, print, None
         self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
-        self.xb = self.yb = self.pred = self.loss = None
+        self.xb = self.yb = self.idx = self.pred = self.loss = None
         self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
         self.n_epochs, self.position = 0., Position()  # where the current (or last) fit started
         self.cbs: list[Callback] = []
@@ -328,9 +332,13 @@ class Learner:
             self('after_cancel_epoch')
 
     def all_batches(self) -> None:
-        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside)."""
+        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside).
+
+        `idx` is the loader's `last_idx` (TensorLoader, ResumableLoader, their DDP shards: indices into the full
+        dataset), a tensor already made, so reading it costs no host sync; None for loaders without it."""
         self.iters = len(self.dl)
         for i, batch in enumerate(self.dl, self.position.done_in(self.epoch) if self.dl is self.data.train_dl else 0):
+            self.idx = getattr(self.dl, 'last_idx', None)
             self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod

@@ -49,6 +49,8 @@ class DeviceCallback(Callback):
         device = self.device if self.run.fit_device is None else self.run.fit_device
         self.run.xb = to_device(self.run.xb, device)
         self.run.yb = to_device(self.run.yb, device)
+        idx = getattr(self.run, 'idx', None)  # the items' indices follow the batch (per-item state lives there)
+        if idx is not None: self.run.idx = to_device(idx, device)
 
     def after_fit(self) -> None:
         if self._before is None: return  # begin_fit did not run

@@ -200,6 +200,7 @@ class DistributedCallback(Callback):
     def begin_batch(self) -> None:
         if not self.active or not self.move_batches: return
         self.run.xb, self.run.yb = to_device(self.run.xb, self.device), to_device(self.run.yb, self.device)
+        self.run.idx = to_device(self.run.idx, self.device)
 
     def begin_validate(self) -> None:
         if not self.active: return
