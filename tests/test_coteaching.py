@@ -229,6 +229,21 @@ def test_the_pure_ratio_is_the_label_precision_of_the_kept_items(method):
     assert cb.history[0][names[0]] == pytest.approx(clean[:N_TRAIN].float().mean().item())  # epoch 0 keeps all
 
 
+def test_a_fit_that_failed_inside_an_epoch_leaves_no_counts_to_the_next():
+    clean = tensors()[2][:N_TRAIN]
+    learn, cb = learner(lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL, clean=clean))
+
+    class CrashAt2(Callback):
+        def after_batch(self):
+            if self.run.in_train and self.run.iter == 2: raise RuntimeError('stop')
+
+    with pytest.raises(RuntimeError, match='stop'):
+        learn.fit(1, cbs=[CrashAt2()])
+    learn.fit(1)
+    expected = clean.float().mean().item()  # epoch 0 forgets nothing: every item is kept, once
+    assert [cb.history[-1]['pure_ratio_1'], cb.history[-1]['pure_ratio_2']] == [pytest.approx(expected)] * 2
+
+
 def test_the_pure_ratio_needs_the_batch_indices_and_one_flag_per_item():
     _, _, clean = tensors()
     x, y, _ = tensors()

@@ -133,10 +133,12 @@ class _PeerTraining(Callback):
             self._pending_opt_state = None
         if self.clean is not None:
             self.clean = self.clean.to(device)
-            if self._clean_kept is None or self._clean_kept.device != device:
-                kept = torch.zeros(len(self.selections), dtype=torch.int64)
-                if self._clean_kept is not None: kept.copy_(self._clean_kept.cpu())  # once per fit: a resumed count
-                self._clean_kept = kept.to(device)
+            counts = torch.zeros(len(self.selections), dtype=torch.int64, device=device)
+            if self.run.start_iter > 0 and self._clean_kept is not None:  # inside an epoch: its counts so far
+                counts.copy_(self._clean_kept)
+            else:
+                self._n_kept = 0
+            self._clean_kept = counts
         self._checked = False
 
     def _check_learner(self) -> None:
