@@ -44,7 +44,7 @@ __all__ = [
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
     'out_of_fold_probs', 'stratified_folds', 'dataset_labels', 'clean_dataset', 'RelabeledDataset',
-    'ELR', 'ELRLoss', 'AreaUnderMargin',
+    'ELR', 'ELRLoss', 'AreaUnderMargin', 'CoTeaching', 'JoCoR', 'forget_rate_schedule',
     # performance and scale
     'ChannelsLast', 'RandomCropPad', 'RandomFlip', 'RandomResizedCrop',
     'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',

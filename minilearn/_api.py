@@ -6,6 +6,7 @@ from .callbacks.checkpoint import (CheckpointCallback, EarlyStoppingCallback, Sa
                                    TrackerCallback, TrainingInterrupted)
 from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
+from .callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
 from .callbacks.noise import ELR, AreaUnderMargin, ELRLoss
