@@ -222,7 +222,8 @@ def _fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resum
     try:
         if args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs, resume=resume)
         else: learn.fit(args.epochs, resume=resume)
-        if resume is not None: report['resumed_from'] = {'epoch': learn.start_epoch, 'batch': learn.start_iter}
+        if resume is not None:
+            report['resumed_from'] = {'epoch': learn.position.epoch, 'batch': learn.position.batches_done}
         report['time_s']['fit'] = time.time() - start
         history = learn.find_cb(AvgStatsCallback).history
         final = {k: v for k, v in history[-1].items() if k not in ('epoch', 'time')}

@@ -134,7 +134,7 @@ class _PeerTraining(Callback):
         if self.clean is not None:
             self.clean = self.clean.to(device)
             counts = torch.zeros(len(self.selections), dtype=torch.int64, device=device)
-            if self.run.start_iter > 0 and self._clean_kept is not None:  # inside an epoch: its counts so far
+            if self.run.position.batches_done > 0 and self._clean_kept is not None:  # inside an epoch: its counts so far
                 counts.copy_(self._clean_kept)
             else:
                 self._n_kept = 0
@@ -176,7 +176,7 @@ class _PeerTraining(Callback):
         last = n % bs
         smallest = bs if last == 0 or getattr(dl, 'drop_last', False) else last
         rate = max(forget_rate_schedule(self.forget_rate, e, self.num_gradual, self.exponent)
-                   for e in range(self.run.start_epoch, self.run.epochs))
+                   for e in range(self.run.position.epoch, self.run.epochs))
         if int((1 - rate) * smallest) == 0:
             raise ValueError(f"{type(self).__name__} would keep no item of a batch of {smallest} at forget rate "
                              f"{rate:g} (it keeps int((1 - rate)·batch size) items): use a larger batch size, "
