@@ -45,8 +45,7 @@ __all__ = [
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
     'NOISE_KINDS', 'ASYMMETRIC_MAPPINGS', 'check_noise_kind',
     'out_of_fold_probs', 'stratified_folds', 'dataset_labels', 'clean_dataset', 'RelabeledDataset',
-    'ELR', 'ELRLoss', 'AreaUnderMargin',
-    'CoTeaching', 'JoCoR', 'forget_rate_schedule',
+    'ELR', 'ELRLoss', 'AreaUnderMargin', 'CoTeaching', 'JoCoR', 'forget_rate_schedule',
     # performance and scale
     'ChannelsLast', 'RandomCropPad', 'RandomFlip', 'RandomResizedCrop',
     'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',

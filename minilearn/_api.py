@@ -11,8 +11,9 @@ from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
 from .callbacks.noise import ELR, AreaUnderMargin, ELRLoss
 from .callbacks.loggers import CSVLogger, TensorBoardCallback
-from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy, f1_score,
-                                format_time, precision_score, recall_score, top_k_accuracy)
+from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, balanced_accuracy, f1_score, format_time,
+                                precision_score, recall_score, top_k_accuracy)
+from .metrics import accuracy
 from .callbacks.precision import Compile, GradientAccumulation, GradientClipping, MixedPrecision
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
@@ -23,9 +24,10 @@ from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
 from .core import camel2snake, listify, to_device
 from .data.core import DataBunch, Dataset, TensorLoader, get_dls
 from .data.sampler import ResumableLoader, ResumableSampler
-from .data.external import (CIFAR10_CLASSES, URLs, ChecksumError, DownloadError, UnsafeArchiveError, cifar10_data,
-                            cifar10_databunch, default_data_dir, download_url, mnist_data, mnist_databunch,
-                            read_cifar10, read_idx, read_mnist, untar_data)
+from .data.external import (URLs, ChecksumError, DownloadError, UnsafeArchiveError, default_data_dir, download_url,
+                            untar_data)
+from .data.formats import (CIFAR10_CLASSES, cifar10_data, cifar10_databunch, mnist_data, mnist_databunch, read_cifar10,
+                           read_idx, read_mnist)
 from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Processor, SplitData, get_files,
                          grandparent_splitter, image_extensions, label_by_func, label_image_folder, open_image,
                          parent_labeler, random_splitter, split_by_func)
@@ -34,7 +36,9 @@ from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb
 from .serialization import CheckpointError, atomic_write, safe_load
 from .data.shapes import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
 from .export import Predictor, UnsafeArtifactError, export_learner, load_learner, load_predictor
-from .inference import ClassificationInterpretation, ModelSummary, get_preds, hflip, predict, show_results, summary, tta
+from .predictions import get_preds, hflip, predict, tta
+from .interpret import ClassificationInterpretation, show_results
+from .model_summary import ModelSummary, summary
 from .losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
                      SoftBootstrappingLoss, SoftTargetCrossEntropy, SymmetricCrossEntropy, lin_comb, loss_reduction,
                      reduce_loss, smooth_one_hot)

@@ -45,7 +45,7 @@ from .core import callable_name, unwrap_partial
 from .data import transforms as item_tfms
 from .data.normalize import Normalize, norm_stats
 from .data.transforms import order_tfms
-from .inference import _first_batch, decode_prediction, inference_callbacks, item_to_tensor
+from .predictions import _first_batch, decode_prediction, inference_callbacks, item_to_tensor
 
 __all__ = ['export_learner', 'load_predictor', 'load_learner', 'Predictor', 'UnsafeArtifactError',
            'weights_only_loads', 'ARCHITECTURES', 'arch_path']

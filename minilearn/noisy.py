@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Subset
 from .core import is_interactive, optional_import
 from .data.core import DataBunch
 from .data.transforms import show_image
-from .inference import _grid, get_preds
+from .interpret import _grid
+from .predictions import get_preds
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -482,6 +483,7 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, pred_probs: Any = None,
+                      aum: Any = None, n_issues: int | None = None,
                       filter_by: str = 'prune_by_noise_rate', return_indices_ranked_by: str | None = None,
                       n_jobs: int | None = 1, **cleanlab_kwargs: Any) -> Any:
     """Likely label errors: confident learning on `labels`/`pred_probs`, or a learner's in-sample loss ranking.
@@ -497,7 +499,18 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
     (`get_preds`). On the training set these are in-sample losses, informative only while the model
     has not memorised the noise; pass a loader without augmentation, e.g.
     `DataLoader(learn.data.train_ds, batch_size=256)`.
+
+    `find_label_issues(aum=scores, n_issues=n)` ranks by area under the margin (`AreaUnderMargin().scores`,
+    one training run, no folds), lowest first: the indices (int64) of the `n_issues` items of lowest AUM, items
+    never trained on (NaN) left out. Without `n_issues`, give `labels=` and `pred_probs=`: the count is then the
+    number of issues confident learning estimates (`cleanlab.count.num_label_issues`). Show them with
+    `LabelIssues.from_probs(probs, labels, indices=..., dataset=...)`.
     """
+    if aum is not None:
+        if learn is not None or dl is not None:
+            raise TypeError("give either a learner (find_label_issues(learn, dl)) or aum=..., not both")
+        return _aum_issues(aum, n_issues, labels, pred_probs)
+    if n_issues is not None: raise TypeError("n_issues=... goes with aum=... (the ranking it cuts)")
     if labels is not None or pred_probs is not None:
         if learn is not None or dl is not None:
             raise TypeError("give either a learner (find_label_issues(learn, dl)) or labels=... and pred_probs=..., "
@@ -527,6 +540,34 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
     issues.vocab = getattr(learn.data, 'vocab', None) or \
         (_vocab(issues.dataset) if issues.dataset is not None else None)
     return issues
+
+
+def _aum_issues(aum: Any, n_issues: int | None, labels: Any, pred_probs: Any) -> torch.Tensor:
+    scores = torch.as_tensor(np.asarray(aum.detach().cpu() if isinstance(aum, torch.Tensor) else aum))
+    if scores.ndim != 1 or not scores.is_floating_point():
+        raise TypeError(f"aum must be a 1-D float tensor of one score per item (AreaUnderMargin().scores), got "
+                        f"dtype {scores.dtype} and shape {tuple(scores.shape)}")
+    if n_issues is not None:
+        if labels is not None or pred_probs is not None:
+            raise TypeError("give n_issues=... or labels=... and pred_probs=... (confident learning's count), not both")
+        if isinstance(n_issues, bool) or not isinstance(n_issues, int) or n_issues < 0:
+            raise ValueError(f"n_issues must be an int >= 0, got {n_issues!r}")
+    else:
+        if labels is None or pred_probs is None:
+            raise TypeError("find_label_issues(aum=...) needs the number of issues: n_issues=..., or labels=... and "
+                            "pred_probs=... for the count confident learning estimates")
+        labels_t = _as_label_tensor(labels).cpu().long()
+        probs = torch.as_tensor(np.asarray(pred_probs.detach().cpu() if isinstance(pred_probs, torch.Tensor)
+                                           else pred_probs), dtype=torch.float64)
+        _check_probs(probs, labels_t)
+        if len(labels_t) != len(scores):
+            raise ValueError(f"aum has {len(scores)} scores but there are {len(labels_t)} labels; give both for the "
+                             f"same items in the same order")
+        n_issues = int(optional_import('cleanlab.count', 'the count of label issues (find_label_issues(aum=..., '
+                                       'labels=..., pred_probs=...))', 'cleanlab').num_label_issues(
+            labels=labels_t.numpy(), pred_probs=probs.numpy()))
+    seen = (~scores.isnan()).nonzero().squeeze(1)
+    return seen[scores[seen].argsort(stable=True)][:n_issues]
 
 
 # ---- clean and retrain -----------------------------------------------------------------------------

@@ -6,13 +6,15 @@ import pickle
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from minilearn import cli
-from minilearn.cli import build_learner, build_parser, main
+from minilearn import cli, train_job
+from minilearn.cli import build_parser, main
+from minilearn.train_job import build_learner
 from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
 from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to_byte_tensor
 
@@ -263,7 +265,7 @@ print(json.dumps({'code': code, 'heavy': heavy}))
 @pytest.mark.parametrize('argv, code', [
     (['--help'], 0), (['--version'], 0), (['train', '--help'], 0), ([], 2), (['train', '--bogus'], 2),
     (['train', '--epochs', '0'], 2), (['train', '--mixup-batch'], 2), (['train', '--data', '/nonexistent/x'], 2),
-    (['train', '--device', 'cuda 0'], 2), (['trian'], 2),
+    (['train', '--device', 'cuda 0'], 2), (['trian'], 2), (['train', '--resume', '/nonexistent/x'], 2),
 ])
 def test_help_version_and_mistakes_do_not_import_torch(argv, code):
     result = subprocess.run([sys.executable, '-c', FAST_CHILD, json.dumps(argv)], capture_output=True, text=True,
@@ -328,7 +330,7 @@ def test_interrupted_run_says_so_in_metrics(tmp_path, capsys, monkeypatch):
 
 def test_interrupt_during_setup_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs): raise KeyboardInterrupt
-    monkeypatch.setattr(cli, '_build_data', interrupted)
+    monkeypatch.setattr(train_job, '_build_data', interrupted)
     assert main(['train', '--quiet', '--out', str(tmp_path / 'out')]) == 130
     assert capsys.readouterr().err.strip() == 'minilearn train: interrupted'
     assert not (tmp_path / 'out').exists()
@@ -346,8 +348,48 @@ def test_failed_run_says_so_in_metrics(tmp_path, monkeypatch):
 
 def test_write_status_checks_the_status(tmp_path):
     with pytest.raises(ValueError, match="status must be one of .*'complete'"):
-        cli.write_status(tmp_path, 'done', {})
+        train_job.write_status(tmp_path, 'done', {})
     assert not (tmp_path / 'metrics.json').exists()
-    report = cli.write_status(tmp_path, 'running', {'epochs': 2})
+    report = train_job.write_status(tmp_path, 'running', {'epochs': 2})
     assert json.loads((tmp_path / 'metrics.json').read_text()) == {'status': 'running', 'epochs': 2,
                                                                  'started': report['started']}
+
+
+def _record_calls(monkeypatch, owner, name):
+    """Replaces `owner.name` by a wrapper that records each call's first argument; returns the record."""
+    calls, real = [], getattr(owner, name)
+
+    def recorded(first, *args, **kwargs):
+        calls.append(Path(first))
+        return real(first, *args, **kwargs)
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
+def test_resume_reads_run_json_and_the_checkpoint_once(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    argv = ['train', '--epochs', '2', '--n-per-class', '12', '--bs', '32', '--quiet', '--checkpoint-every', '2']
+    _StopAt(KeyboardInterrupt(), 1, out).install(monkeypatch)
+    assert main([*argv, '--out', str(out)]) == 130  # the checkpoint of the end of epoch 0 stays
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_json = json.loads((out / 'run.json').read_text())
+    assert run_json['epochs'] == 2 and 'resume' not in run_json
+    # a run whose checkpoint is past its epochs is refused before anything is built or written
+    (out / 'run.json').write_text(json.dumps({**run_json, 'epochs': 1}))
+    before = (out / 'metrics.json').read_text()
+    loads = _record_calls(monkeypatch, torch, 'load')
+    assert main(['train', '--resume', str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f'minilearn train: error: --resume {out}: that run is complete '
+                                               f'(1 epochs); its outputs are in {out}')
+    assert loads == [out / 'checkpoint.pth'] and (out / 'metrics.json').read_text() == before
+    (out / 'run.json').write_text(json.dumps(run_json))
+    monkeypatch.undo()
+    loads, reads = _record_calls(monkeypatch, torch, 'load'), _record_calls(monkeypatch, Path, 'read_text')
+    assert main(['train', '--resume', str(out), '--quiet']) == 0
+    assert loads == [out / 'checkpoint.pth']  # read once: the job hands what it read to fit
+    assert reads.count(out / 'run.json') == 1
+    metrics = _metrics(out)
+    assert metrics['status'] == 'complete' and metrics['resumed_from'] == {'epoch': 1, 'batch': 0}
+    assert metrics['args']['resume'] == str(out) and metrics['args']['epochs'] == 2
+    assert not (out / 'checkpoint.pth').exists() and not (out / 'run.json').exists()

@@ -15,10 +15,12 @@ from helpers import forbid_host_reads, same_weights, weights
 from minilearn.callback import Callback, Order
 from minilearn.callbacks.checkpoint import CheckpointCallback
 from minilearn.callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule
+from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch
 from minilearn.learner import Learner
+from minilearn.serialization import CheckpointError
 
 N_TRAIN, BS, EPOCHS, LR = 90, 16, 4, 1e-2  # 6 training batches per epoch, the last one short (10 items)
 FORGET, GRADUAL = 0.3, 3
@@ -227,6 +229,21 @@ def test_the_pure_ratio_is_the_label_precision_of_the_kept_items(method):
     assert cb.history[0][names[0]] == pytest.approx(clean[:N_TRAIN].float().mean().item())  # epoch 0 keeps all
 
 
+def test_a_fit_that_failed_inside_an_epoch_leaves_no_counts_to_the_next():
+    clean = tensors()[2][:N_TRAIN]
+    learn, cb = learner(lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL, clean=clean))
+
+    class CrashAt2(Callback):
+        def after_batch(self):
+            if self.run.in_train and self.run.iter == 2: raise RuntimeError('stop')
+
+    with pytest.raises(RuntimeError, match='stop'):
+        learn.fit(1, cbs=[CrashAt2()])
+    learn.fit(1)
+    expected = clean.float().mean().item()  # epoch 0 forgets nothing: every item is kept, once
+    assert [cb.history[-1]['pure_ratio_1'], cb.history[-1]['pure_ratio_2']] == [pytest.approx(expected)] * 2
+
+
 def test_the_pure_ratio_needs_the_batch_indices_and_one_flag_per_item():
     _, _, clean = tensors()
     x, y, _ = tensors()
@@ -246,8 +263,10 @@ def test_validation_and_predictions_use_the_learners_model_alone():
     learn, cb = learner(lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL))
     calls = []
     cb.peer.register_forward_hook(lambda *args: calls.append(cb.peer.training))
+    cb.peer.eval()
     learn.fit(2)
-    assert calls == [True] * 12  # one forward per training batch, none in validation
+    assert calls == [True] * 12  # one forward per training batch (in training mode), none in validation
+    assert not cb.peer.training  # its modes are put back after the fit
     preds, targets = learn.get_preds()
     x, y, _ = tensors()
     learn.model.eval()
@@ -322,6 +341,29 @@ def test_a_mid_epoch_resume_equals_the_uninterrupted_run(method, tmp_path):
     for key, value in resumed_cb.peer_opt.state_dict()['state'].items():
         for name, tensor in value.items(): assert torch.equal(tensor, theirs[key][name])
     assert resumed_cb.history == straight_cb.history and len(straight_cb.history) == 3  # the purity counts resumed
+
+
+@pytest.mark.filterwarnings('ignore:checkpoint .* was written by a fit of 1 epochs')
+def test_a_checkpoint_of_another_peer_is_refused_and_changes_nothing(tmp_path):
+    learn, cb = learner(lambda peer: CoTeaching(peer, FORGET), path=tmp_path)
+    learn.fit(1, cbs=[CheckpointCallback('ckpt', signals=None)])
+    other_peer = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
+    other = Learner(net(1), data(), F.cross_entropy, opt_func=torch.optim.Adam, lr=LR,
+                    cbs=[CoTeaching(other_peer, FORGET)])
+    model_before, peer_before = weights(other.model), weights(other_peer)
+    with pytest.raises(CheckpointError, match="CoTeaching: the checkpoint's peer weights"):
+        other.fit(2, resume=tmp_path / 'models' / 'ckpt.pth')
+    assert same_weights(weights(other.model), model_before) and same_weights(weights(other_peer), peer_before)
+    assert other.co_teaching.peer_opt is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_on_cuda_the_peer_follows_the_model_to_the_device():
+    _, _, clean = tensors()
+    learn, cb = learner(lambda peer: CoTeaching(peer, FORGET, num_gradual=GRADUAL, clean=clean[:N_TRAIN]),
+                        cbs=[DeviceCallback('cuda')])
+    learn.fit(2)
+    assert next(cb.peer.parameters()).device.type == 'cuda' and len(cb.history) == 2
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

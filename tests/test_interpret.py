@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from minilearn.callbacks.transforms import BatchTransformXCallback, normalize_chan
 from minilearn.data.core import DataBunch, Dataset
-from minilearn.inference import ClassificationInterpretation, get_preds
+from minilearn.interpret import ClassificationInterpretation
+from minilearn.predictions import get_preds
 from minilearn.learner import Learner
 from test_inference import IMAGE_STATS, colour_learner
 

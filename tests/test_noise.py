@@ -243,15 +243,6 @@ def test_aum_agrees_with_the_aum_package(make_data, tmp_path):
     assert len(trained) == (N_TRAIN - 4 if dropping else N_TRAIN)
 
 
-def test_aum_finds_the_flipped_labels():
-    _, _, flip = tensors()
-    learn = learner(tensor_data(), [AreaUnderMargin()])
-    learn.fit(8)
-    scores = learn.area_under_margin.scores
-    flipped = flip[:N_TRAIN]
-    assert scores[flipped].mean() < scores[~flipped].mean()
-
-
 class Terminate(Callback):
     """NaN loss on one training batch: TerminateOnNaN cancels it before AUM (after_loss) records it."""
     def after_pred(self):
@@ -305,3 +296,47 @@ def test_mid_epoch_resume_is_exact(make_data, tmp_path):
     assert torch.equal(resumed.elr.targets, straight.elr.targets)
     assert torch.equal(resumed.area_under_margin.scores, straight.area_under_margin.scores)
     assert torch.equal(resumed.area_under_margin.counts, straight.area_under_margin.counts)
+
+
+# ---- AUM as a detector: find_label_issues(aum=...) ----------------------------------------------------------
+def test_find_label_issues_ranks_by_aum_with_a_count_given_or_confident_learnings():
+    from cleanlab.count import num_label_issues
+    from minilearn import find_label_issues
+    scores = torch.tensor([0.5, -1.0, float('nan'), -2.0, 3.0, -1.0, 0.1], dtype=torch.float64)
+    assert find_label_issues(aum=scores, n_issues=3).tolist() == [3, 1, 5]  # lowest first, ties in dataset order
+    assert find_label_issues(aum=scores, n_issues=0).tolist() == []
+    assert find_label_issues(aum=scores, n_issues=10).tolist() == [3, 1, 5, 6, 0, 4]  # never trained on: left out
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (7,), generator=g)
+    probs = torch.softmax(torch.randn(7, 3, generator=g), 1)
+    count = num_label_issues(labels=labels.numpy(), pred_probs=probs.double().numpy())
+    assert count > 0
+    found = find_label_issues(aum=scores, labels=labels, pred_probs=probs)
+    assert found.tolist() == [3, 1, 5, 6, 0, 4][:count]
+
+
+def test_aum_detector_end_to_end_beats_chance():
+    from minilearn import find_label_issues
+    _, _, flip = tensors()
+    learn = learner(tensor_data(), [AreaUnderMargin()])
+    learn.fit(8)
+    flipped = flip[:N_TRAIN]
+    found = find_label_issues(aum=learn.area_under_margin.scores, n_issues=int(flipped.sum()))
+    precision = flipped[found].float().mean().item()
+    assert flipped.float().mean().item() < 0.34 and precision >= 0.55  # chance would be a third
+
+
+def test_aum_detector_bad_input_is_named():
+    from minilearn import find_label_issues
+    scores = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(TypeError, match='needs the number of issues: n_issues'): find_label_issues(aum=scores)
+    with pytest.raises(ValueError, match='n_issues must be an int >= 0'): find_label_issues(aum=scores, n_issues=-1)
+    with pytest.raises(TypeError, match='1-D float tensor'): find_label_issues(aum=torch.zeros(5, 2), n_issues=1)
+    with pytest.raises(TypeError, match='not both'):
+        find_label_issues(aum=scores, n_issues=1, labels=[0] * 5, pred_probs=torch.ones(5, 2) / 2)
+    with pytest.raises(ValueError, match='aum has 5 scores but there are 4 labels'):
+        find_label_issues(aum=scores, labels=[0, 1, 0, 1], pred_probs=torch.ones(4, 2) / 2)
+    with pytest.raises(TypeError, match='n_issues=... goes with aum'):
+        find_label_issues(labels=[0, 1], pred_probs=torch.ones(2, 2) / 2, n_issues=1)
+    learn = learner(tensor_data(), [])
+    with pytest.raises(TypeError, match='learner .* or aum'): find_label_issues(learn, aum=scores, n_issues=1)

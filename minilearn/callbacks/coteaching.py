@@ -47,7 +47,7 @@ __all__ = ['CoTeaching', 'JoCoR', 'forget_rate_schedule']
 
 
 def forget_rate_schedule(forget_rate: float, epoch: int, num_gradual: int = 10, exponent: float = 1.) -> float:
-    """The authors' forget rate of `epoch`: `linspace(0, forget_rate**exponent, num_gradual)[epoch]`, then `forget_rate`."""
+    """Forget rate at `epoch`: `linspace(0, forget_rate**exponent, num_gradual)[epoch]`, then `forget_rate`."""
     if epoch >= num_gradual: return forget_rate
     stop = forget_rate ** exponent
     if num_gradual == 1: return 0.  # linspace(0, stop, 1) is [0.]
@@ -56,7 +56,7 @@ def forget_rate_schedule(forget_rate: float, epoch: int, num_gradual: int = 10, 
 
 
 def kl_per_item(pred: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-    """JoCoR's `kl_loss_compute(pred, soft_targets, reduce=False)`: KL(softmax(soft_targets) ‖ softmax(pred)) per item."""
+    """JoCoR's `kl_loss_compute(pred, soft_targets, False)`: KL(softmax(soft_targets)‖softmax(pred)) per item."""
     return F.kl_div(F.log_softmax(pred, dim=1), F.softmax(soft_targets, dim=1), reduction='none').sum(1)
 
 
@@ -133,10 +133,12 @@ class _PeerTraining(Callback):
             self._pending_opt_state = None
         if self.clean is not None:
             self.clean = self.clean.to(device)
-            if self._clean_kept is None or self._clean_kept.device != device:
-                kept = torch.zeros(len(self.selections), dtype=torch.int64)
-                if self._clean_kept is not None: kept.copy_(self._clean_kept.cpu())  # once per fit: a resumed count
-                self._clean_kept = kept.to(device)
+            counts = torch.zeros(len(self.selections), dtype=torch.int64, device=device)
+            if self.run.position.batches_done > 0 and self._clean_kept is not None:  # inside an epoch: its counts so far
+                counts.copy_(self._clean_kept)
+            else:
+                self._n_kept = 0
+            self._clean_kept = counts
         self._checked = False
 
     def _check_learner(self) -> None:
@@ -174,7 +176,7 @@ class _PeerTraining(Callback):
         last = n % bs
         smallest = bs if last == 0 or getattr(dl, 'drop_last', False) else last
         rate = max(forget_rate_schedule(self.forget_rate, e, self.num_gradual, self.exponent)
-                   for e in range(self.run.start_epoch, self.run.epochs))
+                   for e in range(self.run.position.epoch, self.run.epochs))
         if int((1 - rate) * smallest) == 0:
             raise ValueError(f"{type(self).__name__} would keep no item of a batch of {smallest} at forget rate "
                              f"{rate:g} (it keeps int((1 - rate)·batch size) items): use a larger batch size, "
@@ -297,7 +299,8 @@ class _PeerTraining(Callback):
                              f"{sorted(mine.keys() - peer_state.keys())[:5]}, unexpected "
                              f"{sorted(peer_state.keys() - mine.keys())[:5]})")
         wrong = [k for k, v in peer_state.items() if v.shape != mine[k].shape]
-        if wrong: raise ValueError(f"{owner}: the checkpoint's peer weights {wrong[:5]} have other shapes than this peer's")
+        if wrong:
+            raise ValueError(f"{owner}: the checkpoint's peer weights {wrong[:5]} have other shapes than this peer's")
         if state['peer_opt'] is not None and self.peer_opt is not None:
             self.peer_opt.load_state_dict(state['peer_opt'])  # checks the groups before changing anything
         self.peer.load_state_dict(peer_state)
@@ -358,7 +361,7 @@ class CoTeaching(_PeerTraining):
 class JoCoR(_PeerTraining):
     """JoCoR (Wei et al. 2020): both networks updated together on the small-loss items of a joint loss.
 
-    Per item: (1 − λ)·(CE₁ + CE₂) + λ·(KL(p₂‖p₁) + KL(p₁‖p₂)), with p the softmax of each network and
+    Per item: (1 − λ)·(CE₁ + CE₂) + λ·(KL(p₂‖p₁) + KL(p₁‖p₂)), p the softmax of each network, and
     gradients through both (the authors' `loss_jocor` with `kl_loss_compute`); the loss is the mean over the
     `int((1 − rate)·n)` smallest, one backward through both networks, then one step of both: the learner's
     optimizer for its model, and the peer's optimizer (`learn.opt_func`, given the learner's hyper-parameters

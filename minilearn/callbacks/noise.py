@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..callback import Callback, require_idx, resuming
+from ..callback import Callback, require_idx
 from ..core import check_positive
 from ..losses import loss_reduction, reduce_loss
 from .mixup import MixHandler
@@ -120,7 +120,7 @@ class ELR(Callback):
         if isinstance(self.run.loss_func, ELRLoss):
             raise ValueError("ELR: the learner's loss is already an ELRLoss; give it the plain loss")
         n = _n_items(self)
-        if not resuming(self.run) or (self.targets is not None and len(self.targets) != n): self.targets = None
+        if not self.run.position.resuming or (self.targets is not None and len(self.targets) != n): self.targets = None
         self.old_loss_func = self.run.loss_func
         self.run.loss_func = ELRLoss(self.old_loss_func, self)
 
@@ -174,7 +174,7 @@ class AreaUnderMargin(Callback):
     def begin_fit(self) -> None:
         require_idx(self)
         _refuse_mixers_and_ddp(self)
-        if not resuming(self.run) or (self.sums is not None and len(self.sums) != _n_items(self)):
+        if not self.run.position.resuming or (self.sums is not None and len(self.sums) != _n_items(self)):
             self.sums = self.counts = None
 
     def after_loss(self) -> None:

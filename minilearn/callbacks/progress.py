@@ -53,7 +53,7 @@ class ProgressCallback(Callback):
             master_cls = NBMasterBar if IN_NOTEBOOK else ConsoleMasterBar
             self.mbar = master_cls(range(self.run.epochs))
             self.mbar.on_iter_begin()
-            self.mbar.update(self.run.start_epoch)
+            self.mbar.update(self.run.position.epoch)
         else:
             self.mbar = _PlainMasterBar(self.run.epochs)
         self.old_logger = self.run.logger

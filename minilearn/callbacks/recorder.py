@@ -8,7 +8,7 @@ from numbers import Real
 import numpy as np
 import torch
 
-from ..callback import Callback, resuming
+from ..callback import Callback
 from .metrics import AvgStatsCallback
 
 __all__ = ['Recorder', 'smooth_ema', 'suggest_lr']
@@ -109,7 +109,7 @@ class Recorder(Callback):
         self._valid: list[tuple[int, object]] = []  # (training batches done, validation loss) per epoch
 
     def begin_fit(self) -> None:
-        if resuming(self.run) and len(self._loaded_losses): return  # resuming: keep the loaded record
+        if self.run.position.resuming and len(self._loaded_losses): return  # resuming: keep the loaded record
         groups = self.run.opt.param_groups
         self.hypers = {name: [[] for _ in groups] for name in _scalar_hypers(groups[0])}
         self._losses, self._loaded_losses, self._valid = [], torch.zeros(0), []

@@ -8,7 +8,8 @@
 
 `ll` is a `SplitData` whose `train` and `valid` are `LabeledData` (`ll.train.x`, `ll.train.y.items`
 holds the processed class indices). Everything here is picklable, so DataLoader workers can use it
-under any start method.
+under any start method. `to_tensors` and `to_databunch(cache=True)` decode the items once into memory
+(`minilearn.data.cache`).
 """
 from __future__ import annotations
 
@@ -23,12 +24,11 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleProgressBar, NBProgressBar
-from torch.utils.data import DataLoader
 
-from ..core import is_interactive, listify
-from .core import DataBunch, _draw_seed, get_dls
-from .transforms import compose, order_tfms, to_float_tensor
+from ..core import listify
+from .cache import cached_databunch, decode_tensors
+from .core import DataBunch, get_dls
+from .transforms import compose
 
 __all__ = ['image_extensions', 'get_files', 'ItemList', 'ImageList', 'open_image', 'SplitData', 'split_by_func',
            'grandparent_splitter', 'random_splitter', 'Processor', 'CategoryProcessor', 'LabeledData',
@@ -233,8 +233,8 @@ class SplitData:
         vocab = getattr(self.train.proc_y, 'vocab', None)
         if c_out is None and vocab is not None: c_out = len(vocab)
         if cache:
-            return _cached_databunch(self.train, self.valid, bs, c_in, c_out, vocab, self.valid.x.tfms, device,
-                                     dl_kwargs)
+            return cached_databunch(self.train, self.valid, bs, c_in, c_out, vocab, self.valid.x.tfms, device,
+                                    dl_kwargs)
         if device is not None: raise ValueError("device= needs cache=True (DataLoaders leave batches on the CPU; "
                                                 "a DeviceCallback moves them)")
         return DataBunch(*get_dls(self.train, self.valid, bs, **dl_kwargs), c_in=c_in, c_out=c_out,
@@ -373,30 +373,7 @@ class LabeledData:
         and terminals only. Every item must have the same shape (resize first: `ResizeFixed`). Items that
         are tensors already and need no transform are returned without a copy where their layout allows.
         """
-        if len(self) == 0: raise ValueError("to_tensors: the labelled data is empty")
-        tfms = order_tfms(self.x.tfms)
-        if tfms and tfms[-1] is to_float_tensor: tfms = tfms[:-1]  # keep bytes
-        if (not tfms and isinstance(self.x.items, torch.Tensor) and type(self.x).get is ItemList.get
-                and not self.y.tfms):  # already tensors (CIFAR batches, MNIST): nothing to decode
-            x = self.x.items
-            if x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
-            return x, torch.as_tensor(self.y.items)
-        source = _Decoding(self, tfms)  # tfms already in their running order
-        dl = DataLoader(source, batch_size=bs, shuffle=False, num_workers=num_workers, collate_fn=_stack_items)
-        if progress is None: progress = is_interactive()
-        bar = (NBProgressBar if IN_NOTEBOOK else ConsoleProgressBar)(dl, leave=False) if progress else dl
-        x = y = None
-        start = 0
-        for xb, yb in bar:
-            if x is None:  # sized from the first batch; filled in place, so memory stays at the data's size
-                fmt = torch.channels_last if xb.ndim == 4 else torch.contiguous_format
-                x = torch.empty((len(self), *xb.shape[1:]), dtype=xb.dtype, memory_format=fmt)
-                y = torch.empty((len(self), *yb.shape[1:]), dtype=yb.dtype)
-            if xb.shape[1:] != x.shape[1:]: _different_shapes({tuple(x.shape[1:]), tuple(xb.shape[1:])})
-            x[start:start + len(xb)] = xb
-            y[start:start + len(yb)] = yb
-            start += len(xb)
-        return x, y
+        return decode_tensors(self, num_workers, bs, progress, as_stored=type(self.x).get is ItemList.get)
 
     def to_databunch(self, bs: int, c_in: int | None = None, c_out: int | None = None, cache: bool = False,
                      device: torch.device | str | None = None, **dl_kwargs: Any) -> DataBunch:
@@ -406,7 +383,7 @@ class LabeledData:
         """
         vocab = getattr(self.proc_y, 'vocab', None)
         if c_out is None and vocab is not None: c_out = len(vocab)
-        if cache: return _cached_databunch(self, None, bs, c_in, c_out, vocab, self.x.tfms, device, dl_kwargs)
+        if cache: return cached_databunch(self, None, bs, c_in, c_out, vocab, self.x.tfms, device, dl_kwargs)
         if device is not None: raise ValueError("device= needs cache=True (DataLoaders leave batches on the CPU; "
                                                 "a DeviceCallback moves them)")
         return DataBunch(*get_dls(self, None, bs, **dl_kwargs), c_in=c_in, c_out=c_out, vocab=vocab,
@@ -414,62 +391,6 @@ class LabeledData:
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}\nx: {self.x}\ny: {self.y}\n'
-
-
-class _Decoding:
-    """Labelled data read through `tfms` (in order) instead of its own input transforms (picklable, for workers)."""
-
-    def __init__(self, data: LabeledData, tfms: list):
-        self.x, self.tfms = data.x, tfms
-        y = data.y
-        self.y = y.items if not y.tfms and isinstance(y.items, (list, torch.Tensor)) else y  # plain labels: no _get
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        raw = self.x.items[i]
-        item = self.x.get(raw)
-        try:
-            for tfm in self.tfms: item = tfm(item)
-        except Exception as e:
-            if hasattr(e, 'add_note'): e.add_note(f"while transforming item {i} ({raw!r})")
-            raise
-        return item, self.y[i]
-
-
-def _stack_items(items: list) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*items)
-    for name, values in (('input', xs), ('target', ys)):
-        bad = next((v for v in values if not isinstance(v, (torch.Tensor, int, float))), None)
-        if bad is not None:
-            raise TypeError(f"to_tensors: every {name} must be a tensor or a number after the transforms, got "
-                            f"{type(bad).__name__}; end the input transforms with to_byte_tensor (and to_float_tensor)")
-    xs = [torch.as_tensor(v) for v in xs]
-    shapes = {tuple(v.shape) for v in xs}
-    if len(shapes) > 1: _different_shapes(shapes)
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
-def _different_shapes(shapes: set) -> None:
-    raise ValueError(f"to_tensors: items of different shapes {sorted(shapes)[:4]}; resize them to one size "
-                     f"in the transforms (ResizeFixed(size)) before decoding into tensors")
-
-
-def _cached_databunch(train: LabeledData, valid: LabeledData | None, bs: int, c_in: int | None, c_out: int | None,
-                      vocab: list | None, item_tfms: list, device: Any, dl_kwargs: dict) -> DataBunch:
-    unknown = set(dl_kwargs) - {'num_workers', 'generator', 'seed', 'shuffle', 'drop_last', 'progress'}
-    if unknown:
-        raise TypeError(f"to_databunch(cache=True) takes num_workers, seed (or generator), drop_last and progress; "
-                        f"{sorted(unknown)} apply to DataLoaders only (cache=False)")
-    workers, progress = dl_kwargs.get('num_workers', 0), dl_kwargs.get('progress')
-    seed, generator = dl_kwargs.get('seed'), dl_kwargs.get('generator')
-    if seed is None and generator is not None: seed = _draw_seed(generator)
-    x_train, y_train = train.to_tensors(workers, progress=progress)
-    x_valid, y_valid = (None, None) if valid is None else valid.to_tensors(workers, progress=progress)
-    return DataBunch.from_tensors(x_train, y_train, x_valid, y_valid, bs=bs,
-                                  drop_last=dl_kwargs.get('drop_last', False), device=device, c_in=c_in, c_out=c_out,
-                                  vocab=vocab, item_tfms=item_tfms, seed=seed)
 
 
 def label_by_func(sd: SplitData, f: Callable[[Any], Any], proc_x: Any = None, proc_y: Any = None) -> SplitData:

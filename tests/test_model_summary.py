@@ -9,7 +9,7 @@ from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
 from minilearn.callbacks.transforms import BatchTransformXCallback, view_tfm
 from minilearn.data.core import DataBunch, Dataset
-from minilearn.inference import ModelSummary, summary
+from minilearn.model_summary import ModelSummary, summary
 from minilearn.learner import Learner
 
 
