@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .train_spec import (CHECKPOINT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS, UsageError, data_format, one_line,
-                         options_record)
+from .train_spec import (CHECKPOINT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS, UsageError,
+                         data_format, one_line, options_record)
 
 __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 
@@ -107,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--size', metavar='PX', type=_positive_int, default=32,
                       help='image size: image folders are resized to PX x PX, shapes are drawn at it (default 32)')
     data.add_argument('--noise', metavar='RATIO', type=_ratio, default=0.,
-                      help='label noise: redraw this fraction of the training labels uniformly at random '
+                      help='label noise: this fraction of the training labels made wrong, as --noise-kind says '
                            '(validation labels stay clean; default 0)')
+    data.add_argument('--noise-kind', choices=NOISE_KINDS, default='symmetric',
+                      help='symmetric: redrawn uniformly at random; pair: y -> y+1 (mod classes); asymmetric: the '
+                           "data's class confusions (MNIST 7->1, 2->7, 5<->6, 3->8; CIFAR-10 truck->automobile, "
+                           'bird->airplane, deer->horse, cat<->dog), MNIST and CIFAR-10 --data only (default symmetric)')
     data.add_argument('--workers', metavar='N', type=_non_negative_int, default=0,
                       help='processes that decode --data images, once before training (default 0: in the main process)')
     model = train_parser.add_argument_group('model and training')
@@ -182,6 +186,11 @@ def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
         if not args.data.exists(): raise UsageError(f"--data {args.data}: no such folder")
         if not args.data.is_dir(): raise UsageError(f"--data {args.data}: not a folder")
         data_format(args.data)
+    if args.noise_kind != 'symmetric' and not args.noise:
+        raise UsageError(f"--noise-kind {args.noise_kind} needs --noise RATIO (the fraction of labels to make wrong)")
+    if args.noise_kind == 'asymmetric' and (args.data is None or data_format(args.data) not in ('mnist', 'cifar10')):
+        raise UsageError("--noise-kind asymmetric flips each class to the one it is confused with, known for MNIST "
+                         "and CIFAR-10 --data folders only; use --noise-kind symmetric or pair here")
     if not _DEVICE_NAME.fullmatch(args.device):
         raise UsageError(f"--device {args.device!r}: not a device name (try cpu, cuda, cuda:0, mps or auto)")
     if args.out.exists() and not args.out.is_dir():

@@ -184,9 +184,12 @@ def _build_data(args: argparse.Namespace) -> tuple[DataBunch, dict]:
 
 def _add_noise(args: argparse.Namespace, data: DataBunch, generator: torch.Generator) -> dict | None:
     if not args.noise: return None
-    result = add_label_noise(data.train_ds, args.noise, n_classes=data.c_out, generator=generator)
-    return {'ratio': args.noise, 'n_redrawn': round(len(result.labels) * args.noise),
-            'n_changed': int(result.changed.sum())}
+    kind = getattr(args, 'noise_kind', 'symmetric')  # run.json of a run from before --noise-kind: symmetric
+    mapping = data_format(args.data) if kind == 'asymmetric' else None  # 'mnist' or 'cifar10' (checked in cli.py)
+    result = add_label_noise(data.train_ds, args.noise, n_classes=data.c_out, generator=generator, kind=kind,
+                             mapping=mapping)
+    n_flipped = int(result.changed.sum()) if kind != 'symmetric' else round(len(result.labels) * args.noise)
+    return {'ratio': args.noise, 'kind': kind, 'n_redrawn': n_flipped, 'n_changed': int(result.changed.sum())}
 
 
 # ---- model, loss, callbacks ---------------------------------------------------------------------------

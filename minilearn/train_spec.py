@@ -23,6 +23,10 @@ class UsageError(ValueError):
     """A problem with the command line or the folders it names (shown as one line, exit code 2)."""
 
 
+# noisy.NOISE_KINDS, here without torch for the CLI's --noise-kind choices (a test keeps the two equal)
+NOISE_KINDS = ('symmetric', 'pair', 'asymmetric')
+
+
 def one_line(exc: BaseException) -> str:
     """An error as one line: its message, and its type unless it is a UsageError."""
     text = ' '.join(str(exc).split()) or type(exc).__name__

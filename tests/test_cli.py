@@ -19,7 +19,7 @@ from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
 from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to_byte_tensor
 
 TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
-OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--workers', '--arch', '--epochs', '--bs', '--lr',
+OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--noise-kind', '--workers', '--arch', '--epochs', '--bs', '--lr',
            '--schedule', '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
            '--quiet', '--threads']
 
@@ -166,6 +166,43 @@ def test_mnist_folder(tmp_path):
     assert learn.data.c_in == 1 and learn.model[0][0].in_channels == 1
 
 
+
+def test_noise_kind_pair_flips_exactly_to_the_next_class(tmp_path):
+    learn, report = build_learner(_args('--n-per-class', '10', '--noise', '0.3', '--noise-kind', 'pair',
+                                        '--out', str(tmp_path)))
+    train_ds = learn.data.train_ds
+    changed = train_ds.y != train_ds.clean_targets
+    n_classes = learn.data.c_out
+    assert report['noise']['kind'] == 'pair' and int(changed.sum()) == round(0.3 * len(train_ds.y))
+    assert report['noise']['n_changed'] == report['noise']['n_redrawn'] == int(changed.sum())
+    assert torch.equal(train_ds.y[changed], (train_ds.clean_targets[changed] + 1) % n_classes)
+
+
+def test_noise_kind_asymmetric_uses_the_mnist_mapping(tmp_path):
+    from minilearn.noisy import ASYMMETRIC_MAPPINGS
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (200, 28, 28)))
+    _write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.arange(200) % 10)
+    learn, report = build_learner(_args('--data', str(tmp_path), '--noise', '0.4', '--noise-kind', 'asymmetric',
+                                        '--out', str(tmp_path / 'out')))
+    train_ds = learn.data.train_ds
+    clean, noisy = train_ds.clean_targets, train_ds.y
+    mapping = ASYMMETRIC_MAPPINGS['mnist']
+    changed = noisy != clean
+    assert report['noise']['kind'] == 'asymmetric' and int(changed.sum()) > 0
+    for c in range(10):
+        of_c = clean == c
+        if c not in mapping: assert not changed[of_c].any()
+        else:
+            assert int(changed[of_c].sum()) == round(int(of_c.sum()) * 0.4)
+            assert (noisy[of_c & changed] == mapping[c]).all()
+
+
+def test_noise_kinds_of_the_cli_are_the_library_s():
+    from minilearn.noisy import NOISE_KINDS
+    from minilearn.train_spec import NOISE_KINDS as CLI_KINDS
+    assert CLI_KINDS == NOISE_KINDS
+
 def test_cifar10_python_batches(tmp_path):
     rng = np.random.default_rng(0)
     for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
@@ -200,6 +237,9 @@ def _bad_folder(tmp_path):
     (['--lr', '-1'], 'argument --lr: expected a number > 0'),
     (['--lr', 'nan'], 'argument --lr: expected a finite number'),
     (['--noise', '1.5'], 'argument --noise: expected a ratio in [0, 1]'),
+    (['--noise-kind', 'pair'], '--noise-kind pair needs --noise RATIO'),
+    (['--noise', '0.4', '--noise-kind', 'asymmetric'], 'known for MNIST and CIFAR-10 --data folders only'),
+    (['--noise', '0.4', '--noise-kind', 'flip'], 'argument --noise-kind: invalid choice'),
     (['--label-smoothing', '1'], 'argument --label-smoothing'),
     (['--mixup', '0'], 'argument --mixup'),
     (['--loss', 'mse'], 'argument --loss: invalid choice'),
