@@ -43,7 +43,8 @@ from minilearn.vision import IMAGENET_STATS  # noqa: E402
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 SCALES = {  # pretrain epochs, fine-tune epochs E (each row trains E+1), images per class, seeds, test images per class
-    'cpu': dict(pre_epochs=3, epochs=4, sizes=(50, 200), seeds=5, test_per_class=None),
+    'cpu': dict(pre_epochs=3, epochs=4, sizes=(50, 200), seeds=5, test_per_class=None),  # ~12 min on a free core
+    'quick': dict(pre_epochs=1, epochs=2, sizes=(50, 200), seeds=2, test_per_class=200),
     'smoke': dict(pre_epochs=1, epochs=1, sizes=(4, 8), seeds=2, test_per_class=None),
 }
 
@@ -84,7 +85,7 @@ def read_folder(root: Path, classes: range, per_class: int | None) -> tuple[torc
     for c in classes:
         files = sorted((root / CLASSES[c]).iterdir())[:per_class]
         for f in files:
-            xs.append(torch.from_numpy(np.asarray(Image.open(f).convert('RGB'))).permute(2, 0, 1))
+            xs.append(torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1))
             ys.append(c - classes.start)
     return torch.stack(xs), torch.tensor(ys)
 
