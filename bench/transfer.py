@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     command = 'python bench/transfer.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     sets = load(args)
-    print(f"data: {', '.join(f'{k} {tuple(v[0].shape)}' for k, v in sets.items())} ({time.perf_counter() - t0:.0f} s)")
+    shapes = ', '.join(f'{k} {tuple(v[0].shape)}' for k, v in sets.items())
+    print(f"data: {shapes} ({time.perf_counter() - t0:.0f} s)")
     weights = Path(args.weights) if args.weights else Path(args.out or 'transfer').with_suffix('.pretrained.pth')
     pre_seconds = 0.
     if not args.weights:

@@ -33,6 +33,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def _cut_model(model: nn.Module, cut: int | Callable | None) -> nn.Module:
     raise TypeError(f"cut must be an int (an index into the model's children) or a callable, got {cut!r}")
 
 
-def create_body(model: nn.Module, n_in: int = 3, pretrained: bool = True, cut: int | Callable | None = None) -> nn.Module:
+def create_body(model: nn.Module, n_in: int = 3, pretrained: bool = True,
+                cut: int | Callable | None = None) -> nn.Module:
     """The body of `model`: cut at `cut` (default: before its last child holding a pooling layer), its first
     convolution taking `n_in` channels (from the pretrained weights when `pretrained`)."""
     body = _cut_model(model, cut)
@@ -156,7 +158,8 @@ def _batchnorm1d(nf: int) -> nn.BatchNorm1d:
 
 
 def create_head(nf: int, n_out: int, lin_ftrs: Sequence[int] | None = None, ps: float | Sequence[float] = 0.5,
-                pool: bool = True, concat_pool: bool = True, first_bn: bool = True, bn_final: bool = False) -> nn.Sequential:
+                pool: bool = True, concat_pool: bool = True, first_bn: bool = True,
+                bn_final: bool = False) -> nn.Sequential:
     """fastai's head on `nf` body features: pooling, flatten, then per layer BatchNorm1d, Dropout, Linear (ReLU
     between), `lin_ftrs` hidden sizes (default [512]) to `n_out`; one `ps` gives ps/2 before the last layer."""
     for name, value in (('nf', nf), ('n_out', n_out)):
@@ -417,7 +420,8 @@ def _build(arch: Any, n_out: int, pretrained: bool | str | Path, cut: int | Call
 
 
 def create_vision_model(arch: Any, n_out: int, pretrained: bool | str | Path = True, cut: int | Callable | None = None,
-                        n_in: int = 3, init: Callable | None = nn.init.kaiming_normal_, **head_kwargs: Any) -> nn.Sequential:
+                        n_in: int = 3, init: Callable | None = nn.init.kaiming_normal_,
+                        **head_kwargs: Any) -> nn.Sequential:
     """`nn.Sequential(body, head)` from `arch` (see `vision_learner`); `head_kwargs` go to `create_head`."""
     return _build(arch, n_out, pretrained, cut, n_in, init, head_kwargs)[0]
 
@@ -427,7 +431,6 @@ def _add_norm(learn: Learner, stats: tuple | None, n_in: int) -> None:
     if stats is None or len(stats[0]) != n_in: return  # fastai: no statistics for other channel counts
     if learn.norm_stats() is not None: return  # the user normalizes already
     if learn.find_cb(BatchTransformXCallback) is not None:
-        import warnings
         warnings.warn("vision_learner: a BatchTransformXCallback is attached already and does not normalize, so "
                       "the pretrained weights' normalization was not added; compose it into your transform "
                       f"(Normalize({stats[0]}, {stats[1]}))", stacklevel=3)

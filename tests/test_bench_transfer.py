@@ -1,4 +1,5 @@
-"""The transfer study's smoke mode: pretraining, the three rows, paired differences and the cost line, on generated data."""
+"""The transfer study's smoke mode: pretraining, the three rows, paired differences and the cost line, on
+generated data."""
 import importlib.util
 from pathlib import Path
 

@@ -78,7 +78,8 @@ def test_vision_learner_torchvision_body_head_and_fastais_resnet_split(arch):
     assert len(groups) == 3  # fastai's _resnet_split: stem..layer2, layer3..layer4, head
     assert [id(p) for p in groups[0]] == [id(p) for p in body[:6].parameters()]
     assert [id(p) for p in groups[2]] == [id(p) for p in head.parameters()]
-    assert learn.find_cb(BatchTransformXCallback) is None and learn.frozen_idx == 0  # not pretrained: no norm, no freeze
+    # not pretrained: no normalization, no freeze
+    assert learn.find_cb(BatchTransformXCallback) is None and learn.frozen_idx == 0
     learn.fit(1)
     assert [[id(p) for p in g['params']] for g in learn.opt.param_groups] == [[id(p) for p in g] for g in groups]
     assert learn.model(torch.rand(2, 3, 32, 32)).shape == (2, data.c_out)
@@ -129,7 +130,8 @@ def test_pretrained_path_loads_the_body_ignores_the_old_classifier_and_normalize
                                                                             source.layer4[1].conv2.weight)
     assert torch.equal(body[1].running_mean, source.bn1.running_mean)
     mean, std = learn.norm_stats()
-    assert torch.allclose(mean, torch.tensor(IMAGENET_STATS[0])) and torch.allclose(std, torch.tensor(IMAGENET_STATS[1]))
+    assert torch.allclose(mean, torch.tensor(IMAGENET_STATS[0]))
+    assert torch.allclose(std, torch.tensor(IMAGENET_STATS[1]))
     assert learn.frozen_idx == 2  # pretrained: frozen but the head, like fastai
 
 

@@ -221,7 +221,8 @@ def fit_one_cycle(learn: Any, epochs: int, max_lr: float | Sequence[float] | Non
     to max_lr/div_final; momentum (or Adam's beta1) the other way, moms[0] -> moms[1] -> moms[0].
 
     `max_lr` defaults to `learn.lr`; a list gives one per param group, `slice(lo, hi)` spreads the groups
-    geometrically from lo (first) to hi (last), `slice(hi)` gives the last group hi and the others hi/10 (fastai). With an SGD optimizer this turns
+    geometrically from lo (first) to hi (last), `slice(hi)` gives the last group hi and the others hi/10 (fastai).
+    With an SGD optimizer this turns
     momentum on (as fastai and torch's OneCycleLR do); `moms=None` leaves momentum alone. `kwargs` go to
     `learn.fit` (`start_epoch` to resume: the schedule continues from start_epoch/epochs).
     """
