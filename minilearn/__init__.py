@@ -27,6 +27,9 @@ __all__ = [
     # models
     'Lambda', 'flatten', 'GeneralRelu', 'conv_layer', 'get_cnn_layers', 'get_cnn_model', 'init_cnn',
     'resnet18_cifar', 'resnet34_cifar', 'adapt_model',
+    # transfer learning
+    'vision_learner', 'create_body', 'create_head', 'create_vision_model', 'AdaptiveConcatPool2d', 'TimmBody',
+    'default_split', 'PretrainedWeightsError', 'fine_tune', 'lr_range',
     # regularization
     'MixUp', 'CutMix', 'MixUpCutMix', 'MixHandler', 'MixUpLoss', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
     'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',

@@ -18,7 +18,7 @@ from .callbacks.precision import Compile, GradientAccumulation, GradientClipping
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder, smooth_ema, suggest_lr
 from .callbacks.schedule import (LR_Find, ParamScheduler, annealer, combine_scheds, cos_1cycle_anneal, create_phases,
-                                 fit_one_cycle, lr_find, sched_cos, sched_exp, sched_lin, sched_no)
+                                 fine_tune, fit_one_cycle, lr_find, sched_cos, sched_exp, sched_lin, sched_no)
 from .callbacks.transforms import BatchTransformXCallback, view_tfm
 from .data.normalize import Normalize, channel_stats, norm_stats, normalize_chan
 from .core import camel2snake, listify, to_device
@@ -51,5 +51,8 @@ from . import datasets
 from .callback import (EVENTS, Callback, CancelBatchException, CancelEpochException, CancelTrainException, Order,
                        TrainEvalCallback)
 from .learner import Learner, param_getter
+from .vision import (AdaptiveConcatPool2d, PretrainedWeightsError, TimmBody, create_body, create_head,
+                     create_vision_model, default_split, vision_learner)
+from .core import lr_range
 
 _loaded = True  # the whole API is importable (checked by minilearn.__getattr__)

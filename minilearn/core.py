@@ -6,7 +6,7 @@ import importlib
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -15,7 +15,7 @@ from fastprogress.fastprogress import IN_NOTEBOOK
 
 __all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process', 'check_positive', 'batch_size',
            'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive',
-           'optional_import']
+           'optional_import', 'lr_range']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -108,3 +108,27 @@ def optional_import(module: str, needed_by: str, extra: str, package: str | None
     except ImportError as e:
         raise ImportError(f"{needed_by} needs the {package or extra} package: pip install 'minilearn[{extra}]' "
                           f"(or pip install {package or extra})") from e
+
+
+def lr_range(lr: float | slice | Sequence[float], n_groups: int, name: str = 'lr') -> list[float]:
+    """One learning rate per parameter group, by fastai's rule (`Learner.lr_range`, `Optimizer.set_hyper`).
+
+    A number is every group's; `slice(lo, hi)` spaces the groups geometrically from `lo` (first) to `hi` (last);
+    `slice(hi)` gives the last group `hi` and every other `hi / 10`; a list or tuple has one rate per group.
+    """
+    if isinstance(lr, slice):
+        if lr.step is not None: raise ValueError(f"{name}=slice(lo, hi) takes no step, got {lr!r}")
+        check_positive(f'{name} (the slice\'s stop)', lr.stop)
+        if lr.start is None or n_groups == 1:
+            return [lr.stop / 10] * (n_groups - 1) + [lr.stop]
+        check_positive(f'{name} (the slice\'s start)', lr.start)
+        step = (lr.stop / lr.start) ** (1 / (n_groups - 1))
+        return [lr.start * step ** i for i in range(n_groups)]
+    if isinstance(lr, (list, tuple)):
+        for value in lr: check_positive(name, value)
+        if len(lr) != n_groups:
+            raise ValueError(f"{name} has {len(lr)} values for {n_groups} param groups; pass one learning rate, "
+                             f"a slice, or exactly one per group")
+        return [float(v) for v in lr]
+    check_positive(name, lr)
+    return [lr] * n_groups

@@ -14,11 +14,12 @@ from torch import nn
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
                        Position, TrainEvalCallback, callback_name, flag)
 from .callbacks.distributed import all_gather_rows, distrib_ctx
-from .callbacks.schedule import fit_one_cycle, lr_find
+from .callbacks.schedule import constant_lr, fine_tune, fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
-from .core import check_positive, listify
+from .core import check_positive, listify, lr_range
 from .export import export_learner
+from .freeze import freeze, freeze_to, unfreeze
 from .inference import get_preds, predict, show_results, summary, tta
 from .serialization import ReadCheckpoint, load_for_resume, load_learner_state, save_learner
 
@@ -32,9 +33,9 @@ def param_getter(model: nn.Module) -> Iterable[nn.Parameter]:
 
 def _check_lr(lr: Any) -> None:
     if isinstance(lr, (list, tuple)):
-        raise ValueError(f"lr must be one positive number, got {lr!r}; for one rate per parameter group use "
-                         f"fit_one_cycle(max_lr=[...]) or a ParamScheduler per group")
-    check_positive('lr', lr)
+        raise ValueError(f"lr must be one positive number or a slice, got {lr!r}; for one rate per parameter group "
+                         f"use slice(lo, hi), fit_one_cycle(max_lr=[...]) or a ParamScheduler per group")
+    lr_range(lr, 2)  # checks a number or a slice
 
 
 class _FitSnapshot:
@@ -113,6 +114,7 @@ class Learner:
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
         self.opt, self.logger, self.grad_scaler = None, print, None
+        self.frozen_idx = 0  # parameter groups before this index do not train (see `freeze_to`)
         self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
         self.xb = self.yb = self.idx = self.pred = self.loss = None
         self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
@@ -230,15 +232,21 @@ class Learner:
 
     # ---- the loop -----------------------------------------------------------------------------
     def create_opt(self) -> None:
-        """Build the optimizer as `opt_func(param_groups, lr=lr)` from the splitter's groups."""
+        """Build the optimizer as `opt_func(param_groups, lr=lr)` from the splitter's groups (an lr slice gives
+        each group its rate, see `lr_range`)."""
         groups = list(self.splitter(self.model))
         if groups and not isinstance(groups[0], (nn.Parameter, torch.Tensor, dict)):
             groups = [{'params': list(g)} for g in groups]  # a splitter returning several groups
-        self.opt = self.opt_func(groups, lr=self.lr)
+        if isinstance(self.lr, slice) and groups and isinstance(groups[0], dict):
+            for group, lr in zip(groups, lr_range(self.lr, len(groups))): group.setdefault('lr', lr)
+        self.opt = self.opt_func(groups, lr=self.lr.stop if isinstance(self.lr, slice) else self.lr)
 
     def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0,
-            resume: str | Path | ReadCheckpoint | None = None) -> None:
+            resume: str | Path | ReadCheckpoint | None = None, lr: float | slice | None = None) -> None:
         """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming).
+
+        `lr`: this fit's learning rate per parameter group (a number, a slice, or one per group, see `lr_range`),
+        instead of the optimizer's.
 
         `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s; its path, or `read_checkpoint(path)`) to
         load first and continue from where it was written, inside an epoch included; the run then ends as the
@@ -248,7 +256,7 @@ class Learner:
         loaded stay).
         """
         self._check_fit_args(epochs, start_epoch)
-        cbs = listify(cbs)
+        cbs = listify(cbs) + ([constant_lr(self, lr)] if lr is not None else [])
         added, position = [], Position(start_epoch)
         before = _FitSnapshot(self, loaded=resume is not None)
         try:
@@ -424,6 +432,25 @@ class Learner:
         """Fit with a one-cycle schedule: cosine warm-up of lr to `max_lr`, then annealing; momentum inverted."""
         fit_one_cycle(self, epochs, max_lr=max_lr, pct_start=pct_start, div=div, div_final=div_final, moms=moms,
                       cbs=cbs, **kwargs)
+
+    def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
+                  pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
+        """fastai's fine-tuning: the head alone (`freeze`) for `freeze_epochs`, then everything with
+        discriminative learning rates for `epochs` (one-cycle both times)."""
+        fine_tune(self, epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start,
+                  div=div, **kwargs)
+
+    def freeze_to(self, n: int) -> None:
+        """Stop the parameter groups before index `n` from training (normalization layers excepted)."""
+        freeze_to(self, n)
+
+    def freeze(self) -> None:
+        """Train only the last parameter group (the head) and the normalization layers."""
+        freeze(self)
+
+    def unfreeze(self) -> None:
+        """Train every parameter group."""
+        unfreeze(self)
 
     def lr_find(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10., **kwargs: Any) -> float:
         """Sweep the learning rate exponentially, restore the learner, return the suggested lr."""

@@ -5,7 +5,8 @@ state, None with `with_opt=False`) and `opt_class`, `epoch` and `iter` (the posi
 `epoch` done; at an epoch's end `iter` is 0 and `epoch` the number of completed epochs, which resumes with
 `fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`, `callbacks`
 ({name: state} of every callback with a `state_dict`), `loader` (the training loader's position, when it has
-a `state_dict`: the resumable loader protocol) and `rng` (torch, CUDA, numpy and python generator states).
+a `state_dict`: the resumable loader protocol), `rng` (torch, CUDA, numpy and python generator states) and
+`trainable` with `frozen_idx` (which parameters train: the freeze state of `learn.freeze_to`).
 `learn.load` restores all of it, the global random generators included, so that the resumed run draws what
 the uninterrupted one would have; `fit(epochs, resume=path)` loads it and continues from its position.
 """
@@ -30,6 +31,7 @@ from torch import nn
 
 from .callback import Position, has_state
 from .core import is_main_process, unwrap_partial
+from .freeze import set_trainable_state, trainable_state
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
            'ReadCheckpoint', 'read_checkpoint', 'load_for_resume', 'training_position', 'has_position',
@@ -250,7 +252,8 @@ def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: lis
              'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
              'callbacks': _callback_states(learn),
              'loader': dl.state_dict() if has_position(dl) else None,
-             'rng': get_rng_states(), 'ranks': ranks}
+             'rng': get_rng_states(), 'ranks': ranks,
+             'trainable': trainable_state(_bare_model(learn.model)), 'frozen_idx': int(getattr(learn, 'frozen_idx', 0))}
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -417,6 +420,7 @@ def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict:
     ckpt = _this_rank(ckpt, path)
     model = _bare_model(learn.model)
     _check_model_state(model, ckpt['model'], strict, path)
+    trainable = _trainable_to_load(model, ckpt, path, strict)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
     rng_setters = _rng_to_restore(ckpt, path)
     loader_state = _loader_to_load(learn, ckpt, path, resume)
@@ -431,8 +435,26 @@ def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict:
     # accepted its state.
     if loader_state is not None: learn.data.train_dl.load_state_dict(loader_state)
     model.load_state_dict(ckpt['model'], strict=strict)
+    if trainable is not None:
+        set_trainable_state(model, trainable)
+        learn.frozen_idx = int(ckpt.get('frozen_idx', 0))
     learn.n_epochs, learn.n_iter = float(ckpt.get('n_epochs', 0.)), int(ckpt.get('n_iter', 0))
     for setter in rng_setters: setter()
+
+
+def _trainable_to_load(model: nn.Module, ckpt: dict, path: Path, strict: bool) -> list[bool] | None:
+    # Checkpoints older than the freeze state have none: the parameters keep theirs.
+    trainable = ckpt.get('trainable')
+    if trainable is None: return None
+    n_params = sum(1 for _ in model.parameters())
+    if len(trainable) != n_params:
+        if not strict:
+            warnings.warn(f"checkpoint {str(path)!r}: the freeze state ({len(trainable)} parameters) does not fit "
+                          f"this model ({n_params}); not restored", stacklevel=5)
+            return None
+        raise CheckpointError(f"checkpoint {str(path)!r} has the freeze state of {len(trainable)} parameters, the "
+                              f"model has {n_params}; build the learner with the architecture it was saved from")
+    return [bool(t) for t in trainable]
 
 
 def _apply(learn: Any, opt_state: dict | None, cb_states: dict) -> None:

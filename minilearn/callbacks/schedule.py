@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from ..core import check_positive, listify
+from ..core import check_positive, listify, lr_range
 from ..serialization import get_rng_states, has_position, set_rng_states
 from ..callback import Callback, CancelTrainException, Order, flag
+from .metrics import AvgStatsCallback
 from .recorder import Recorder, suggest_lr
 
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
-           'create_phases', 'ParamScheduler', 'LR_Find', 'fit_one_cycle', 'lr_find']
+           'create_phases', 'ParamScheduler', 'LR_Find', 'fit_one_cycle', 'fine_tune', 'lr_find', 'constant_lr']
 
 Schedule = Callable[[float], float]
 
@@ -201,13 +202,7 @@ def _n_param_groups(learn: Any) -> int:
 
 
 def _one_cycle_args(learn: Any, max_lr: Any, pct_start: Any, div: Any, div_final: Any, moms: Any) -> list[float]:
-    max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr]
-    for lr in max_lrs: check_positive('max_lr', lr)
-    if len(max_lrs) > 1:
-        n_groups = _n_param_groups(learn)
-        if len(max_lrs) != n_groups:
-            raise ValueError(f"max_lr has {len(max_lrs)} values for {n_groups} param groups; "
-                             f"pass one learning rate or exactly one per group")
+    max_lrs = lr_range(max_lr, _n_param_groups(learn), name='max_lr')
     if isinstance(pct_start, bool) or not isinstance(pct_start, Real) or not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must be a fraction in [0, 1], got {pct_start!r}")
     check_positive('div', div)
@@ -225,18 +220,55 @@ def fit_one_cycle(learn: Any, epochs: int, max_lr: float | Sequence[float] | Non
     """Fit with a one-cycle schedule: lr from max_lr/div up to max_lr (cosine, first `pct_start`), then down
     to max_lr/div_final; momentum (or Adam's beta1) the other way, moms[0] -> moms[1] -> moms[0].
 
-    `max_lr` defaults to `learn.lr`; a list gives one per param group. With an SGD optimizer this turns
+    `max_lr` defaults to `learn.lr`; a list gives one per param group, `slice(lo, hi)` spreads the groups
+    geometrically from lo (first) to hi (last), `slice(hi)` gives the last group hi and the others hi/10 (fastai).
+    With an SGD optimizer this turns
     momentum on (as fastai and torch's OneCycleLR do); `moms=None` leaves momentum alone. `kwargs` go to
     `learn.fit` (`start_epoch` to resume: the schedule continues from start_epoch/epochs).
     """
     max_lrs = _one_cycle_args(learn, learn.lr if max_lr is None else max_lr, pct_start, div, div_final, moms)
     phases = [pct_start, 1 - pct_start]
     lr_scheds = [combine_scheds(phases, cos_1cycle_anneal(lr / div, lr, lr / div_final)) for lr in max_lrs]
-    schedulers = [ParamScheduler('lr', lr_scheds if len(lr_scheds) > 1 else lr_scheds[0])]
+    schedulers = [ParamScheduler('lr', lr_scheds if len(set(max_lrs)) > 1 else lr_scheds[0])]
     if moms is not None:
         mom_sched = combine_scheds(phases, cos_1cycle_anneal(moms[0], moms[1], moms[0]))
         schedulers.append(ParamScheduler('mom', mom_sched, skip_missing=True))
     learn.fit(epochs, cbs=listify(cbs) + schedulers, **kwargs)
+
+
+def fine_tune(learn: Any, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
+              pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
+    """fastai's recipe: train the last group alone (`freeze`) for `freeze_epochs` with a one-cycle to `base_lr`,
+    then everything (`unfreeze`) for `epochs` with half of it, the groups spread from base_lr/2/lr_mult up.
+
+    `kwargs` go to both `fit_one_cycle` calls. The per-epoch history (`learn.avg_stats.history`) keeps both
+    phases' rows: the frozen epochs first.
+    """
+    for arg, value in (('epochs', epochs), ('freeze_epochs', freeze_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"fine_tune: {arg} must be an int >= 0, got {value!r}")
+    check_positive('base_lr', base_lr)
+    check_positive('lr_mult', lr_mult)
+    learn.freeze()
+    stats = learn.find_cb(AvgStatsCallback)
+    frozen_rows: list = []
+    if freeze_epochs:
+        learn.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+        frozen_rows = list(stats.history) if stats is not None else []
+    base_lr /= 2
+    learn.unfreeze()
+    if not epochs: return
+    try:
+        learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
+    finally:
+        if stats is not None: stats.history[:0] = frozen_rows
+
+
+def constant_lr(learn: Any, lr: float | slice | Sequence[float]) -> ParamScheduler:
+    """A scheduler holding each parameter group at its rate from `lr` (a number, a slice, or one per group) for
+    one fit: what `learn.fit(epochs, lr=...)` attaches; the groups' rates are put back after the fit."""
+    lrs = lr_range(lr, _n_param_groups(learn))
+    return ParamScheduler('lr', [sched_no(v, v) for v in lrs])
 
 
 # ---- LR finder -------------------------------------------------------------------------------------
