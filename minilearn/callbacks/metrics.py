@@ -420,6 +420,10 @@ class AvgStatsCallback(Callback):
         """The columns: `epoch`, train and valid loss and metrics, `time`."""
         return ['epoch'] + self.train_stats.names + self.valid_stats.names + ['time']
 
+    def prepend_history(self, rows: list[dict]) -> None:
+        """Put the rows of an earlier fit before this one's (`fine_tune`: the frozen phase, then the unfrozen)."""
+        self.history[:0] = rows
+
     def begin_fit(self) -> None:
         if not self.run.position.resuming: self.history = []  # resuming keeps the loaded history
         self.run.logger(self.metric_names)

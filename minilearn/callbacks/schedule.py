@@ -261,7 +261,7 @@ def fine_tune(learn: Any, epochs: int, base_lr: float = 2e-3, freeze_epochs: int
     try:
         learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
     finally:
-        if stats is not None: stats.history[:0] = frozen_rows
+        if stats is not None: stats.prepend_history(frozen_rows)
 
 
 def constant_lr(learn: Any, lr: float | slice | Sequence[float]) -> ParamScheduler:
