@@ -15,7 +15,7 @@ from minilearn.callbacks.device import CudaCallback, DeviceCallback
 from minilearn.callbacks.metrics import AvgStats, AvgStatsCallback, accuracy
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
-from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats, normalize_chan
+from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, Learner
 
@@ -77,30 +77,6 @@ def test_no_validation_loader_is_reported_as_missing():
     learn.logger = lines.append
     learn.fit(1)
     assert learn.avg_stats.history[0]['valid_loss'] is None and lines[1][3] == '-'
-
-
-def test_normalize_chan_gives_zero_mean_unit_std_per_channel_any_rank():
-    for shape in [(64, 3, 8, 8), (64, 2, 20), (16, 3, 4, 4, 4)]:
-        x = torch.randn(*shape) * torch.tensor([2., 5., 0.5][:shape[1]]).reshape((1, -1) + (1,) * (len(shape) - 2)) + 3
-        mean, std = channel_stats([(x, None)])
-        for fn in (functools.partial(normalize_chan, mean=mean, std=std), Normalize(mean, std)):
-            out = fn(x).transpose(0, 1).reshape(shape[1], -1)
-            assert torch.allclose(out.mean(1), torch.zeros(shape[1]), atol=1e-4)
-            assert torch.allclose(out.std(1, unbiased=False), torch.ones(shape[1]), atol=1e-4)
-
-
-def test_normalization_follows_the_batch_dtype():
-    x = torch.rand(4, 3, 2, 2, dtype=torch.float64)
-    assert normalize_chan(x, [0.5] * 3, [0.2] * 3).dtype == torch.float64
-    assert Normalize([0.5] * 3, [0.2] * 3)(x.half()).dtype == torch.float16
-
-
-def test_channel_stats_over_a_dataloader():
-    data = image_data(n_train=64, n_valid=32)
-    mean, std = channel_stats(data.train_dl)
-    x = torch.stack([data.train_ds[i][0] for i in range(len(data.train_ds))])
-    assert torch.allclose(mean, x.mean((0, 2, 3)), atol=1e-5)
-    assert torch.allclose(std, x.std((0, 2, 3), unbiased=False), atol=1e-5)
 
 
 def test_batch_transform_runs_after_device_move_and_sees_every_batch():
@@ -287,17 +263,3 @@ def test_device_callback_moves_a_loss_module_with_class_weights():
     assert loss.weight.device.type == 'cpu' and learn.loss_func is loss
 
 
-def test_norm_stats_reads_every_way_of_giving_normalization():
-    from minilearn.callbacks.transforms import norm_stats
-    mean, std = [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]
-    expected = (torch.tensor(mean), torch.tensor(std))
-    for source in ((mean, std), Normalize(mean, std), functools.partial(normalize_chan, mean=mean, std=std),
-                   BatchTransformXCallback(Normalize(mean, std))):
-        got = norm_stats(source)
-        assert torch.allclose(got[0], expected[0]) and torch.allclose(got[1], expected[1])
-    learn = Learner(mlp(), linear_data(), F.cross_entropy,
-                    cbs=[BatchTransformXCallback(functools.partial(normalize_chan, mean=mean, std=std))])
-    assert torch.allclose(norm_stats(learn)[1], expected[1])
-    assert norm_stats(Learner(mlp(), linear_data(), F.cross_entropy)) is None and norm_stats(None) is None
-    with pytest.raises(TypeError, match='cannot read normalization stats'):
-        norm_stats(lambda x: x)

@@ -387,16 +387,6 @@ def test_crop_and_flip_together_flip_within_the_crop_with_the_same_draws(fmt):
     assert torch.equal(learn.xb, flip.apply(xb, flip.draw(xb)))
 
 
-def test_normalize_gives_the_same_values_for_channels_last_batches():
-    norm = Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
-    xb = batch(torch.contiguous_format)
-    expected = (xb - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
-    out = norm(xb.contiguous(memory_format=torch.channels_last))
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    torch.testing.assert_close(norm(xb), expected, rtol=0, atol=0)
-
-
 def bilinear_reference(img, top, left, bh, bw, size):
     """One image's box resized to `size` by hand: source pixel of output (i, j) at top + (i + 0.5)·bh/H' - 0.5."""
     c, h, w = img.shape
