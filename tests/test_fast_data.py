@@ -1,4 +1,5 @@
-"""The fast data path (issue 15): from_tensors (TensorLoader), decode once, ChannelsLast, batch augmentation."""
+"""The fast data path (issue 15): from_tensors (TensorLoader), decode once, ChannelsLast (batch augmentation:
+test_augment.py)."""
 import copy
 
 import pytest
@@ -7,33 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import small_cnn
-from minilearn import (CancelTrainException, ChannelsLast, DataBunch, Dataset, Learner, Normalize, RandomCropPad,
-                       RandomFlip, RandomResizedCrop, TensorLoader, make_rgb, label_image_folder, save_shapes_folder,
-                       shard_loader, to_byte_tensor, to_float_tensor)
+from helpers import BatchLog, images, quiet_fit, small_cnn
+from minilearn import (CancelTrainException, ChannelsLast, DataBunch, Dataset, Learner, TensorLoader, make_rgb,
+                       label_image_folder, save_shapes_folder, shard_loader, to_byte_tensor, to_float_tensor)
 from minilearn.callback import Callback
-from minilearn.callbacks.transforms import BatchTransformXCallback, channel_stats
-
-
-def images(n=40, c=3, h=8, w=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-
-class BatchLog(Callback):
-    """Keeps the inputs and targets of every batch (after the callbacks of lower _order ran)."""
-    _order = 100
-
-    def __init__(self, train_only=True):
-        self.train_only, self.batches = train_only, []
-
-    def begin_batch(self):
-        if self.in_train or not self.train_only: self.batches.append((self.in_train, self.xb.clone(), self.yb.clone()))
-
-
-def quiet_fit(learn, *args, **kwargs):
-    learn.logger = lambda *a: None
-    learn.fit(*args, **kwargs)
+from minilearn.callbacks.transforms import channel_stats
 
 
 # ---- TensorLoader ---------------------------------------------------------------------------------------
@@ -298,12 +277,6 @@ def test_channels_last_restores_4d_buffers_too():
     assert model[0].mask.is_contiguous() and torch.equal(model[0].mask, mask)
 
 
-def test_random_resized_crop_names_a_bad_scale_or_ratio():
-    for kwargs in ({'scale': 0.5}, {'scale': (0.9, 0.2)}, {'ratio': 1.0}):
-        with pytest.raises(ValueError, match=r'must be \(low, high\)'):
-            RandomResizedCrop(8, **kwargs)
-
-
 def test_channels_last_outputs_equal_nchw():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
@@ -328,134 +301,3 @@ def test_channels_last_warns_once_for_inputs_that_are_not_images():
     with pytest.warns(UserWarning, match='not \\(N, C, H, W\\)') as record:
         quiet_fit(learn, 2, cbs=[ChannelsLast()])
     assert len([w for w in record if 'ChannelsLast' in str(w.message)]) == 1
-
-
-# ---- augmentation ---------------------------------------------------------------------------------------
-FORMATS = [torch.contiguous_format, torch.channels_last]
-
-
-def batch(fmt, n=6, c=3, h=7, w=9):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, c, h, w, generator=g).contiguous(memory_format=fmt)
-
-
-@pytest.mark.parametrize('mode', ['zeros', 'reflect'])
-@pytest.mark.parametrize('fmt', FORMATS)
-def test_random_crop_pad_equals_a_per_item_reference(mode, fmt):
-    xb, cb = batch(fmt), RandomCropPad(pad=3, mode=mode)
-    top, left = cb.draw(xb)
-    out = cb.apply(xb, (top, left))
-    assert out.shape == xb.shape and out.is_contiguous(memory_format=fmt)
-    for i in range(len(xb)):
-        padded = F.pad(xb[i:i + 1], (3,) * 4, mode='constant' if mode == 'zeros' else 'reflect')[0]
-        assert torch.equal(out[i], padded[:, top[i]:top[i] + 7, left[i]:left[i] + 9])
-    assert 0 <= int(top.min()) and int(top.max()) <= 6 and len(set(top.tolist())) > 1
-
-
-@pytest.mark.parametrize('fmt', FORMATS)
-def test_random_flip_equals_a_per_item_reference(fmt):
-    xb, cb = batch(fmt, n=40), RandomFlip(p=0.5)
-    flip = cb.draw(xb)
-    out = cb.apply(xb, flip)
-    assert out.is_contiguous(memory_format=fmt) and 0 < int(flip.sum()) < 40
-    for i in range(len(xb)):
-        assert torch.equal(out[i], xb[i].flip(-1) if flip[i] else xb[i])
-    assert not RandomFlip(p=0.).draw(xb).any() and RandomFlip(p=1.).draw(xb).all()
-
-
-@pytest.mark.parametrize('fmt', FORMATS)
-def test_crop_and_flip_together_flip_within_the_crop_with_the_same_draws(fmt):
-    xb = batch(fmt, n=16)
-    learn = Learner(small_cnn(), DataBunch.from_tensors(xb, torch.zeros(16, dtype=torch.long), bs=16, seed=0),
-                    F.cross_entropy)
-    crop, flip = RandomCropPad(2), RandomFlip()
-    learn.add_cbs([crop, flip])
-    crop.begin_fit(), flip.begin_fit()
-    learn.xb, learn.in_train = xb, True
-    torch.manual_seed(0)
-    crop.begin_batch()
-    flip.begin_batch()  # done by the crop: nothing more here
-    torch.manual_seed(0)
-    offsets, flips = crop.draw(xb), flip.draw(xb)
-    expected = flip.apply(crop.apply(xb, offsets), flips)  # the two applied one after the other
-    assert torch.equal(learn.xb, expected) and learn.xb.is_contiguous(memory_format=fmt) and 0 < int(flips.sum()) < 16
-    crop.after_fit(), flip.after_fit()
-    learn.xb = xb
-    torch.manual_seed(0)
-    flip.begin_batch()  # outside a fit with the crop it flips on its own
-    torch.manual_seed(0)
-    assert torch.equal(learn.xb, flip.apply(xb, flip.draw(xb)))
-
-
-def bilinear_reference(img, top, left, bh, bw, size):
-    """One image's box resized to `size` by hand: source pixel of output (i, j) at top + (i + 0.5)·bh/H' - 0.5."""
-    c, h, w = img.shape
-    out = torch.empty(c, *size, dtype=torch.float64)
-    img = img.double()
-    for i in range(size[0]):
-        for j in range(size[1]):
-            sy = min(max(top + (i + 0.5) * bh / size[0] - 0.5, 0.), h - 1.)
-            sx = min(max(left + (j + 0.5) * bw / size[1] - 0.5, 0.), w - 1.)
-            y0, x0 = int(sy), int(sx)
-            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
-            dy, dx = sy - y0, sx - x0
-            out[:, i, j] = ((1 - dy) * (1 - dx) * img[:, y0, x0] + (1 - dy) * dx * img[:, y0, x1]
-                            + dy * (1 - dx) * img[:, y1, x0] + dy * dx * img[:, y1, x1])
-    return out
-
-
-@pytest.mark.parametrize('fmt', FORMATS)
-def test_random_resized_crop_equals_a_per_item_reference(fmt):
-    xb, cb = batch(fmt, n=4), RandomResizedCrop((5, 6), scale=(0.3, 1.))
-    boxes = cb.draw(xb)
-    top, left, bh, bw = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= 7 + 1e-5).all() and (left + bw <= 9 + 1e-5).all()
-    area = bh * bw / 63
-    assert (area >= 0.3 - 1e-5).all() and (area <= 1 + 1e-5).all()
-    out = cb.apply(xb, boxes)
-    assert out.shape == (4, 3, 5, 6) and out.is_contiguous(memory_format=fmt)
-    for i in range(4):
-        ref = bilinear_reference(xb[i], *boxes[i].tolist(), (5, 6))
-        torch.testing.assert_close(out[i].double(), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_augmentation_draws_come_from_torch_generator():
-    xb = batch(torch.contiguous_format)
-    for cb in (RandomCropPad(), RandomFlip(), RandomResizedCrop(7)):
-        torch.manual_seed(5)
-        a = cb.apply(xb, cb.draw(xb))
-        torch.manual_seed(5)
-        assert torch.equal(a, cb.apply(xb, cb.draw(xb)))
-
-
-def test_augmentation_applies_to_training_batches_only_and_not_to_predictions():
-    x, y = images(16)
-    norm = Normalize([0.5] * 3, [0.25] * 3)
-    torch.manual_seed(0)
-    learn = Learner(small_cnn(), DataBunch.from_tensors(x, y, x, y, bs=8, seed=0), F.cross_entropy,
-                    cbs=[BatchTransformXCallback(norm)])
-    plain_preds, _ = learn.get_preds()
-    log = BatchLog(train_only=False)
-    order = learn.data.train_dl.order(0)
-    quiet_fit(learn, 1, cbs=[RandomFlip(1.), log])
-    train = [b for b in log.batches if b[0]]
-    valid = [b for b in log.batches if not b[0]]
-    assert torch.equal(train[0][1], norm(x[order[:8]].float() / 255).flip(-1))  # after normalization, flipped
-    assert torch.equal(torch.cat([b[1] for b in valid]), norm(x.float() / 255))  # identity in validation
-    learn.add_cbs([RandomCropPad(2), RandomFlip(1.), RandomResizedCrop(8)])  # attached: predictions see plain inputs
-    model_preds, _ = learn.get_preds()
-    with torch.no_grad(): expected = learn.model(norm(x.float() / 255)).softmax(1)
-    torch.testing.assert_close(model_preds, expected)
-    assert plain_preds.shape == model_preds.shape
-
-
-def test_augmentation_arguments_are_checked():
-    with pytest.raises(ValueError, match="'zeros' or 'reflect'"): RandomCropPad(mode='edge')
-    with pytest.raises(ValueError, match='pad must be an int'): RandomCropPad(pad=-1)
-    with pytest.raises(ValueError, match='probability'): RandomFlip(p=2)
-    with pytest.raises(ValueError, match='scale'): RandomResizedCrop(8, scale=(0.5, 0.2))
-    with pytest.raises(ValueError, match='reflect padding needs pad < image size'):
-        cb = RandomCropPad(pad=8, mode='reflect')
-        xb = torch.zeros(2, 1, 4, 4)
-        cb.apply(xb, cb.draw(xb))
-    with pytest.raises(ValueError, match='image batches'): RandomFlip().draw(torch.zeros(4, 10))
