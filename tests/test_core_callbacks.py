@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import image_data, linear_data, mlp, small_cnn
-from minilearn.callbacks.device import CudaCallback, DeviceCallback
+from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import AvgStats, AvgStatsCallback, accuracy
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
@@ -90,63 +90,6 @@ def test_batch_transform_runs_after_device_move_and_sees_every_batch():
                     cbs=[BatchTransformXCallback(tfm), DeviceCallback('cpu')])
     learn.fit(1)
     assert len(seen) == 3 and learn.batch_transform_x._order > learn.device._order
-
-
-def test_model_and_batches_land_on_the_callback_device():
-    where = []
-
-    class Where(Callback):
-        _order = 10
-        def after_pred(self):
-            where.append((self.xb.device, self.yb.device, next(self.model.parameters()).device, self.pred.device))
-
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    learn = Learner(mlp(), linear_data(), F.cross_entropy, cbs=[DeviceCallback(device), Where()])
-    learn.fit(1)
-    assert where and all(d.type == device for row in where for d in row)
-
-
-def test_device_callback_sets_the_fit_device_and_defers_to_one_already_chosen():
-    seen = []
-
-    class Where(Callback):
-        _order = 10
-        def after_pred(self): seen.append((self.fit_device, self.xb.device, next(self.model.parameters()).device))
-
-    class ChoosesCpu(Callback):  # as DistributedCallback chooses this process's device, before DeviceCallback
-        _order = -6
-        def begin_fit(self): self.run.fit_device = torch.device('cpu')
-        def after_fit(self): self.run.fit_device = None
-
-    cpu = torch.device('cpu')
-    data = linear_data(n_train=32, n_valid=16, bs=16)
-    learn = Learner(mlp(), data, F.cross_entropy, cbs=[DeviceCallback(cpu), Where()])
-    assert learn.fit_device is None
-    learn.fit(1)
-    assert seen == [(cpu, cpu, cpu)] * 3 and learn.fit_device is None
-    # Its own device would fail the fit (meta tensors hold no data): the device chosen first is used instead.
-    seen.clear()
-    meta = DeviceCallback('meta')
-    learn = Learner(mlp(), data, F.cross_entropy, cbs=[meta, Where()])
-    learn.fit(1, cbs=[ChoosesCpu()])
-    assert seen == [(cpu, cpu, cpu)] * 3 and learn.fit_device is None and meta.device == torch.device('meta')
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_callback_moves_to_gpu_with_pinned_memory():
-    data = linear_data(pin_memory=True)
-    learn = Learner(mlp(), data, F.cross_entropy, cbs=[CudaCallback()])
-    learn.fit(1)
-    assert next(learn.model.parameters()).is_cuda and learn.xb.is_cuda
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the fallback on machines without CUDA')
-def test_cuda_callback_warns_and_trains_on_cpu_without_cuda():
-    with pytest.warns(UserWarning, match='CUDA is not available'):
-        cb = CudaCallback()
-    learn = Learner(mlp(), linear_data(), F.cross_entropy, cbs=[cb])
-    learn.fit(1)
-    assert cb.device.type == 'cpu'
 
 
 def test_recorder_records_lr_per_group_and_losses_and_plots_to_png(tmp_path):
@@ -253,13 +196,5 @@ def test_dataset_and_bad_batch_size_errors():
         Dataset(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match='batch size'):
         DataBunch.from_datasets(Dataset(torch.zeros(3), torch.zeros(3)), None, bs=0)
-
-
-def test_device_callback_moves_a_loss_module_with_class_weights():
-    from minilearn.losses import LabelSmoothingCrossEntropy
-    loss = LabelSmoothingCrossEntropy(0.1, weight=torch.tensor([1., 2., 3.], dtype=torch.float64))
-    learn = Learner(mlp(), linear_data(), loss, cbs=[DeviceCallback('cpu')])
-    learn.fit(1)
-    assert loss.weight.device.type == 'cpu' and learn.loss_func is loss
 
 

@@ -1,16 +1,13 @@
-"""The fast data path (issue 15): from_tensors (TensorLoader), decode once, ChannelsLast (batch augmentation:
-test_augment.py)."""
-import copy
-
+"""The fast data path (issue 15): from_tensors (TensorLoader) and decode once (ChannelsLast: test_device.py, batch
+augmentation: test_augment.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 
 from helpers import BatchLog, images, quiet_fit, small_cnn
-from minilearn import (CancelTrainException, ChannelsLast, DataBunch, Dataset, Learner, TensorLoader, make_rgb,
-                       label_image_folder, save_shapes_folder, shard_loader, to_byte_tensor, to_float_tensor)
+from minilearn import (CancelTrainException, DataBunch, Dataset, Learner, TensorLoader, make_rgb, label_image_folder,
+                       save_shapes_folder, shard_loader, to_byte_tensor, to_float_tensor)
 from minilearn.callback import Callback
 from minilearn.callbacks.transforms import channel_stats
 
@@ -237,67 +234,3 @@ def test_to_tensors_names_items_of_different_shapes(tmp_path):
     with pytest.raises(ValueError, match='different shapes.*ResizeFixed'): sd.train.to_tensors(progress=False)
     with pytest.raises(ValueError, match='different shapes.*ResizeFixed'):  # in different batches
         sd.train.to_tensors(bs=1, progress=False)
-
-
-# ---- ChannelsLast ---------------------------------------------------------------------------------------
-class FormatProbe(Callback):
-    _order = 50
-
-    def begin_fit(self): self.formats = set()
-
-    def begin_batch(self):
-        conv = self.model[0].weight
-        self.formats.add((self.xb.is_contiguous(memory_format=torch.channels_last),
-                          conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()))
-
-
-def test_channels_last_during_the_fit_and_the_model_restored_after():
-    x, y = images(24)
-    torch.manual_seed(0)
-    learn = Learner(small_cnn(), DataBunch.from_tensors(x, y, x[:8], y[:8], bs=8, seed=0), F.cross_entropy)
-    probe = FormatProbe()
-    quiet_fit(learn, 1, cbs=[ChannelsLast(), probe])
-    assert probe.formats == {(True, True)}
-    assert all(p.is_contiguous() for p in learn.model.parameters())  # NCHW again
-    cl_model = small_cnn().to(memory_format=torch.channels_last)  # a channels-last model stays channels-last
-    learn = Learner(cl_model, DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
-    quiet_fit(learn, 1, cbs=[ChannelsLast()])
-    weight = cl_model[0].weight
-    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_channels_last_restores_4d_buffers_too():
-    # model.to(memory_format=...) replaces buffers by new tensors: they are restored through their module.
-    x, y = images(16)
-    model = small_cnn()
-    model[0].register_buffer('mask', torch.rand(4, 3, 2, 2))
-    mask = model[0].mask.clone()
-    learn = Learner(model, DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
-    quiet_fit(learn, 1, cbs=[ChannelsLast()])
-    assert model[0].mask.is_contiguous() and torch.equal(model[0].mask, mask)
-
-
-def test_channels_last_outputs_equal_nchw():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    x = torch.randn(5, 3, 10, 10)
-    expected = model(x)
-    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(cl, expected, rtol=1e-4, atol=1e-5)
-    learn = Learner(model, DataBunch.from_tensors(x, torch.zeros(5, dtype=torch.long), bs=5, seed=0), F.cross_entropy)
-    cb = ChannelsLast()
-    learn.add_cb(cb)
-    cb.begin_fit()
-    learn.xb = x
-    cb.begin_batch()
-    torch.testing.assert_close(learn.model(learn.xb), expected, rtol=1e-4, atol=1e-5)
-    cb.after_fit()
-    assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_channels_last_warns_once_for_inputs_that_are_not_images():
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    learn = Learner(nn.Linear(6, 3), DataBunch.from_tensors(x, y, bs=8, seed=0), F.cross_entropy)
-    with pytest.warns(UserWarning, match='not \\(N, C, H, W\\)') as record:
-        quiet_fit(learn, 2, cbs=[ChannelsLast()])
-    assert len([w for w in record if 'ChannelsLast' in str(w.message)]) == 1
