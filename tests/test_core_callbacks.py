@@ -1,9 +1,5 @@
 """Core callbacks: device, batch transforms/normalization, AvgStats, Recorder, Progress (issue: foundation)."""
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,15 +9,10 @@ from torch import nn
 from helpers import image_data, linear_data, mlp, small_cnn
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import AvgStats, AvgStatsCallback, accuracy
-from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, Learner
-
-import minilearn
-
-PACKAGE_DIR = os.path.dirname(minilearn.__file__) + os.sep
 
 
 def test_avg_stats_equal_a_hand_computation_over_the_same_batches():
@@ -112,60 +103,6 @@ def test_recorder_records_lr_per_group_and_losses_and_plots_to_png(tmp_path):
         assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="no hyper-parameter 'betas'"):
         rec.plot_lr('betas')
-
-
-def test_progress_callback_in_a_plain_process_prints_one_row_per_epoch(tmp_path):
-    script = textwrap.dedent('''
-        import functools, sys, torch, torch.nn.functional as F
-        sys.path.insert(0, %r)
-        from helpers import linear_data, mlp
-        from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
-        from minilearn.callbacks.progress import ProgressCallback
-        from minilearn.learner import Learner
-        learn = Learner(mlp(), linear_data(), F.cross_entropy, lr=0.1,
-                        cb_funcs=[functools.partial(AvgStatsCallback, [accuracy]), ProgressCallback])
-        learn.fit(3)
-        print('logger restored:', learn.logger is print)
-    ''' % os.path.dirname(__file__))
-    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[0].split() == ['epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy', 'time']
-    rows = [l.split() for l in lines[1:4]]
-    assert [r[0] for r in rows] == ['0', '1', '2'] and all(len(r) == 6 for r in rows)
-    assert lines[4] == 'logger restored: True'
-    assert '\r' not in out.stdout and '\x1b' not in out.stdout
-
-
-def test_progress_bars_in_a_terminal_close_when_fit_is_interrupted(capsys):
-    class Interrupt(Callback):
-        def after_batch(self):
-            if self.iter == 2: raise KeyboardInterrupt
-
-    learn = Learner(mlp(), linear_data(n_train=96), F.cross_entropy,
-                    cbs=[ProgressCallback(interactive=True), AvgStatsCallback([accuracy]), Interrupt()])
-    with pytest.raises(KeyboardInterrupt):
-        learn.fit(2)
-    assert learn.progress.mbar is None and learn.progress.pb is None and learn.logger is print
-    assert 'Epoch 1/2' in capsys.readouterr().out
-
-
-def test_progress_reads_the_loss_at_most_at_its_throttle_rate():
-    reads = []
-    progress = ProgressCallback(interactive=True, max_updates_per_sec=1e-6)  # effectively: only the last batch
-    original = torch.Tensor.item
-
-    def counting_item(self):
-        if sys._getframe(1).f_code.co_filename.startswith(PACKAGE_DIR): reads.append(1)
-        return original(self)
-
-    learn = Learner(mlp(), linear_data(n_train=160, bs=16), F.cross_entropy, cbs=[progress])
-    torch.Tensor.item = counting_item
-    try:
-        learn.fit(1)
-    finally:
-        torch.Tensor.item = original
-    assert len(reads) <= 2  # 10 training batches, at most the first and the last update read it
 
 
 def test_a_small_cnn_learns_a_generated_dataset():
