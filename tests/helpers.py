@@ -76,6 +76,10 @@ def quiet_fit(learn, *args, **kwargs):
     learn.fit(*args, **kwargs)
 
 
+def batches(dl):
+    """The inputs of every batch of one pass over `dl`, as lists."""
+    return [xb.tolist() for xb, _ in dl]
+
 
 # The Tensor methods that read a value back to the host.
 READ_BACK = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
