@@ -1,4 +1,5 @@
-"""Core callbacks: device, batch transforms/normalization, AvgStats, Recorder, Progress (issue: foundation)."""
+"""Core callbacks: batch transforms, AvgStats, Recorder (issue: foundation). DeviceCallback: test_device.py,
+normalization: test_normalize.py, ProgressCallback: test_progress.py."""
 import functools
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import image_data, linear_data, mlp, small_cnn
+from minilearn.callback import Order
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.metrics import AvgStats, AvgStatsCallback, accuracy
 from minilearn.callbacks.recorder import Recorder
@@ -71,16 +73,24 @@ def test_no_validation_loader_is_reported_as_missing():
 
 
 def test_batch_transform_runs_after_device_move_and_sees_every_batch():
+    # On the meta device (shapes, no data) a regression fit runs without host reads; the batches come from the
+    # loader on the CPU, so the device each callback sees says whether the move came before it.
     seen = []
 
     def tfm(x):
-        seen.append(x.device)
+        seen.append(('transform', x.device.type))
         return x * 2
 
-    learn = Learner(mlp(), linear_data(n_train=32, n_valid=32), F.cross_entropy,
-                    cbs=[BatchTransformXCallback(tfm), DeviceCallback('cpu')])
+    class BeforeMove(Callback):
+        _order = Order.DEVICE - 0.5
+        def begin_batch(self): seen.append(('before', self.xb.device.type))
+
+    x, y = torch.randn(48, 8), torch.randn(48, 3)
+    data = DataBunch.from_datasets(Dataset(x[:32], y[:32]), Dataset(x[32:], y[32:]), bs=16, c_in=8, c_out=3)
+    learn = Learner(mlp(), data, F.mse_loss, cbs=[BatchTransformXCallback(tfm), DeviceCallback('meta'), BeforeMove()])
+    learn.logger = lambda *args: None
     learn.fit(1)
-    assert len(seen) == 3 and learn.batch_transform_x._order > learn.device._order
+    assert seen == [('before', 'cpu'), ('transform', 'meta')] * 3  # 2 training batches, 1 validation batch
 
 
 def test_recorder_records_lr_per_group_and_losses_and_plots_to_png(tmp_path):
