@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minilearn.callback import Callback
 from minilearn.data.core import DataBunch, Dataset
 
 
@@ -50,6 +51,34 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def images(n=40, c=3, h=8, w=8, seed=0):
+    """`n` random uint8 images (N, C, H, W) and class indices in [0, 4)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+class BatchLog(Callback):
+    """Keeps the inputs and targets of every batch (after the callbacks of lower _order ran)."""
+    _order = 100
+
+    def __init__(self, train_only=True):
+        self.train_only, self.batches = train_only, []
+
+    def begin_batch(self):
+        if self.in_train or not self.train_only: self.batches.append((self.in_train, self.xb.clone(), self.yb.clone()))
+
+
+def quiet_fit(learn, *args, **kwargs):
+    """`learn.fit` without the epoch table."""
+    learn.logger = lambda *a: None
+    learn.fit(*args, **kwargs)
+
+
+def batches(dl):
+    """The inputs of every batch of one pass over `dl`, as lists."""
+    return [xb.tolist() for xb, _ in dl]
 
 
 # The Tensor methods that read a value back to the host.

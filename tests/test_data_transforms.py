@@ -1,14 +1,12 @@
 """Item transforms, their order, and showing images and batches."""
-from functools import partial
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize, normalize_chan
-from minilearn.data.transforms import (MakeRGB, ResizeFixed, compose, make_rgb, norm_stats, order_tfms, show_batch,
-                                       show_image, to_byte_tensor, to_float_tensor)
+from minilearn.callbacks.transforms import Normalize
+from minilearn.data.transforms import (MakeRGB, ResizeFixed, compose, make_rgb, order_tfms, show_batch, show_image,
+                                       to_byte_tensor, to_float_tensor)
 
 
 def _rgb(w=5, h=4, seed=0):
@@ -106,19 +104,6 @@ def test_torchvision_v1_and_v2_transforms():
     # a torchvision op mixed with the course transforms runs after the ordered transform it follows
     flipped = compose(im, [make_rgb, to_byte_tensor, to_float_tensor, v2.RandomHorizontalFlip(p=1.0)])
     torch.testing.assert_close(flipped, compose(im, [make_rgb, to_byte_tensor, to_float_tensor]).flip(-1))
-
-
-def test_norm_stats_sources():
-    mean, std = [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]
-    for source in ((mean, std), Normalize(mean, std),
-                   BatchTransformXCallback(partial(normalize_chan, mean=torch.tensor(mean), std=torch.tensor(std))),
-                   BatchTransformXCallback(Normalize(mean, std))):
-        m, s = norm_stats(source)
-        torch.testing.assert_close(m, torch.tensor(mean))
-        torch.testing.assert_close(s, torch.tensor(std))
-    assert norm_stats(None) is None
-    with pytest.raises(TypeError, match='normalization stats'):
-        norm_stats(object())
 
 
 def test_show_image_returns_figure():

@@ -27,7 +27,7 @@ from torch import nn
 import minilearn.callbacks.checkpoint as checkpoint
 import minilearn.serialization as serialization
 
-from helpers import image_data, linear_data, same_weights, small_cnn, weights
+from helpers import batches, image_data, linear_data, same_weights, small_cnn, weights
 from minilearn.callback import Order
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
@@ -38,7 +38,7 @@ from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.recorder import Recorder
 from minilearn.cli import main
 from minilearn.data.core import DataBunch, Dataset, TensorLoader
-from minilearn.data.sampler import ResumableLoader, ResumableSampler
+from minilearn.data.sampler import ResumableLoader
 from minilearn.learner import Callback, Learner
 from minilearn.losses import LabelSmoothingCrossEntropy
 from minilearn.serialization import CheckpointError, safe_load
@@ -420,41 +420,6 @@ def test_no_handlers_outside_the_main_thread(tmp_path):
 
 
 # ---- the sampler and loader -----------------------------------------------------------------------------
-class Counted(Dataset):
-    def __init__(self, n):
-        super().__init__(torch.arange(n), torch.arange(n))
-        self.reads = 0
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return super().__getitem__(i)
-
-
-def batches(dl):
-    return [xb.tolist() for xb, _ in dl]
-
-
-def test_loader_started_at_batch_k_continues_the_uninterrupted_order():
-    ds = Counted(22)
-    straight = ResumableLoader(ds, batch_size=4, seed=7)
-    epochs = [batches(straight) for _ in range(3)]
-    assert len(straight) == 6 and all(sorted(sum(e, [])) == list(range(22)) for e in epochs)
-    assert epochs[0] != epochs[1]
-    stopped = ResumableLoader(ds, batch_size=4, seed=7)
-    batches(stopped)
-    it = iter(stopped)
-    head = [next(it)[0].tolist() for _ in range(2)]
-    state = stopped.state_dict()
-    assert (state['epoch'], state['batches_done'], state['seed']) == (1, 2, 7) and head == epochs[1][:2]
-    resumed = ResumableLoader(ds, batch_size=4, seed=123)
-    resumed.load_state_dict(state)
-    assert len(resumed) == 6
-    ds.reads = 0
-    rest = batches(resumed)
-    assert rest == epochs[1][2:] and ds.reads == 22 - 8  # the 2 batches done are skipped, not loaded
-    assert batches(resumed) == epochs[2]
-
-
 def test_a_loader_read_partly_before_fitting_gives_whole_epochs(tmp_path):
     """show_batch / channel_stats / summary read a batch or two; the LR finder puts the position back after its
     sweep: neither shortens an epoch of the next fit."""
@@ -467,39 +432,6 @@ def test_a_loader_read_partly_before_fitting_gives_whole_epochs(tmp_path):
     assert [b for e, b in learn.batch_log.seen] == list(range(5)) * 2
 
 
-def test_epoch_orders_depend_on_the_seed_and_epoch_only():
-    sampler = ResumableSampler(10, seed=3)
-    expected = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 4)).tolist()
-    sampler.set_epoch(4)
-    assert list(sampler) == expected and sampler.epoch == 5
-    dl = ResumableLoader(Counted(10), batch_size=3, seed=3)
-    next(iter(dl))  # a partial epoch (show_batch) does not change the next one's order
-    assert sum(batches(dl), []) == torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()
-    torch.manual_seed(0)
-    a = ResumableLoader(Counted(10), batch_size=3)
-    torch.manual_seed(0)
-    b = ResumableLoader(Counted(10), batch_size=3)
-    rng = torch.get_rng_state()
-    assert batches(a) == batches(b) and torch.equal(torch.get_rng_state(), rng)  # iterating draws nothing global
-
-
-def test_an_epoch_end_state_starts_the_next_epoch_and_bad_states_are_named():
-    dl = ResumableLoader(Counted(8), batch_size=4, seed=1)
-    first = batches(dl)
-    state = dl.state_dict()
-    assert (state['epoch'], state['batches_done']) == (1, 0)
-    second = batches(dl)
-    other = ResumableLoader(Counted(8), batch_size=4, seed=1)
-    other.load_state_dict({**state, 'epoch': 0, 'batches_done': 2})  # all of epoch 0 done: epoch 1 is next
-    assert batches(other) == second != first
-    with pytest.raises(ValueError, match='batch_size=4, this loader has batch_size=2'):
-        ResumableLoader(Counted(8), batch_size=2).load_state_dict(state)
-    with pytest.raises(KeyError, match='batches_done'):
-        dl.load_state_dict({'seed': 1, 'epoch': 0})
-    with pytest.raises(ValueError, match='outside'):
-        dl.load_state_dict({**state, 'batches_done': 3})
-
-
 def test_get_dls_shuffles_with_a_resumable_loader_and_validates_in_order():
     x, y = torch.arange(20.).unsqueeze(1), torch.arange(20)
     data = DataBunch.from_datasets(Dataset(x, y), Dataset(x, y), bs=4, seed=5)
@@ -509,29 +441,6 @@ def test_get_dls_shuffles_with_a_resumable_loader_and_validates_in_order():
     seeded = DataBunch.from_datasets(Dataset(x, y), None, bs=4, generator=g)
     drawn = torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(0))
     assert seeded.train_dl.sampler.seed == int(drawn)
-
-
-def test_each_rank_resumes_its_own_shard():
-    ds = Counted(21)
-    full = ResumableLoader(ds, batch_size=3, seed=2)
-    shards = [full.shard(r, 2) for r in range(2)]
-    epoch0 = [batches(s) for s in shards]
-    assert all(len(s) == 4 for s in shards)  # 11 items per rank (padded), 4 batches
-    assert sorted(sum(sum(epoch0, []), [])) == sorted(list(range(21)) + [torch.randperm(
-        21, generator=torch.Generator().manual_seed(2)).tolist()[0]])
-    uninterrupted = [batches(s) for s in shards]  # epoch 1
-    stopped = [full.shard(r, 2) for r in range(2)]
-    for s in stopped: batches(s)
-    states = []
-    for s in stopped:
-        it = iter(s)
-        next(it)
-        states.append(s.state_dict())
-    assert states[0] == states[1]  # what rank 0 writes fits every rank
-    for r in range(2):
-        restarted = ResumableLoader(ds, batch_size=3, seed=99)
-        restarted.load_state_dict(states[0])
-        assert batches(restarted.shard(r, 2)) == uninterrupted[r][1:]
 
 
 # ---- DDP: two processes (gloo, forked), each rank resumes its own shard -------------------------------
