@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import unwrap_loss
+from .core import callable_name, unwrap_loss
 from .data.core import Dataset
 from .data.items import LabeledData
 
@@ -54,8 +54,7 @@ def _check_elementwise(pred: torch.Tensor, yb: torch.Tensor, name: str) -> None:
 
 
 def _loss_name(loss_func: Any) -> str:
-    loss_func = unwrap_loss(loss_func)
-    return getattr(loss_func, '__name__', None) or type(loss_func).__name__
+    return callable_name(unwrap_loss(loss_func))
 
 
 def check_batch(pred: Any, yb: Any, loss_func: Any) -> None:

@@ -81,8 +81,6 @@ def test_targets_that_cannot_go_with_the_output_are_named_with_the_fix(yb, loss,
         check_batch(torch.randn(4, 3), yb, loss)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: checks._loss_name does not unwrap functools.partial (core.callable_name "
-                                       "does): the message names 'partial'")
 def test_a_loss_given_as_a_partial_is_named_by_its_function():
     with pytest.raises(ValueError, match='^target shape .*: huber_loss compares them'):
         check_batch(torch.randn(4, 3), torch.randn(4, 2), partial(F.huber_loss, delta=2.))
