@@ -14,7 +14,7 @@ from torch import nn
 from helpers import forbid_host_reads, same_weights, weights
 from minilearn.callback import Callback, Order
 from minilearn.callbacks.checkpoint import CheckpointCallback
-from minilearn.callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule
+from minilearn.callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule, kl_per_item
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.mixup import MixUp
 from minilearn.callbacks.recorder import Recorder
@@ -94,6 +94,24 @@ def kl_loss_compute(pred, soft_targets):
     kl = F.kl_div(F.log_softmax(pred, dim=1), F.softmax(soft_targets, dim=1), reduction='none')
     return torch.sum(kl, 1)
 
+
+
+def test_jocor_kl_is_the_authors_and_keeps_finite_gradients_where_theirs_are_nan():
+    torch.manual_seed(0)
+    pred, target = torch.randn(16, 10, requires_grad=True), torch.randn(16, 10, requires_grad=True)
+    ours, theirs = kl_per_item(pred, target), kl_loss_compute(pred, target)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    grads_ours = torch.autograd.grad(ours.sum(), (pred, target))
+    grads_theirs = torch.autograd.grad(theirs.sum(), (pred, target))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_ours, grads_theirs))
+    # a memorised item: the softmax of the target network underflows to exactly 0 for some classes
+    pred = torch.tensor([[200., 0., 0.]], requires_grad=True)
+    target = torch.tensor([[0., 150., 0.]], requires_grad=True)
+    assert torch.isnan(torch.autograd.grad(kl_loss_compute(pred, target).sum(), target)[0]).all()
+    kl = kl_per_item(pred, target)
+    grads = torch.autograd.grad(kl.sum(), (pred, target))
+    assert torch.isfinite(kl).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.allclose(kl, torch.tensor([200.]))  # KL(p‖q) = 0 - log q[1] = 200: the value, not just finite
 
 def loss_jocor(y_1, y_2, t, forget_rate, co_lambda=0.1):
     """hongxin001/JoCoR algorithm/loss.py."""

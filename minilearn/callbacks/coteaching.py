@@ -57,7 +57,11 @@ def forget_rate_schedule(forget_rate: float, epoch: int, num_gradual: int = 10, 
 
 def kl_per_item(pred: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
     """JoCoR's `kl_loss_compute(pred, soft_targets, False)`: KL(softmax(soft_targets)‖softmax(pred)) per item."""
-    return F.kl_div(F.log_softmax(pred, dim=1), F.softmax(soft_targets, dim=1), reduction='none').sum(1)
+    # The authors pass softmax(soft_targets) as the target: once a memorising network's softmax underflows to 0,
+    # the gradient of p·log p through it is 0·(-inf) = NaN and both networks are lost (3 of 5 seeds of the MNIST
+    # study at 40 % asymmetric noise). The same KL from log-probabilities has finite gradients everywhere.
+    return F.kl_div(F.log_softmax(pred, dim=1), F.log_softmax(soft_targets, dim=1), reduction='none',
+                    log_target=True).sum(1)
 
 
 def _check_fraction(owner: str, name: str, value: Any, upper_inclusive: bool) -> float:
