@@ -115,3 +115,14 @@ def test_smoke_run_writes_every_table_resumes_and_merges_shards(study, tmp_path,
     npz = [p for p in (tmp_path / 'a', tmp_path / 'b') if (p / 'mnist__symmetric-50__0__ce.json').exists()]
     with np.load(npz[0] / 'mnist__symmetric-50__0__ce.npz') as arrays:
         assert arrays['probs'].shape == (160, 10)
+
+
+def test_cost_benchmark_smoke_times_every_method_against_ce(capsys):
+    spec = importlib.util.spec_from_file_location('noise_cost_bench', SCRIPT.parent / 'noise_cost.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(['--smoke', '--rounds', '1', '--epochs', '1']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '×' in line]
+    assert [row.split(' | ')[0][2:] for row in rows] == ['CE', 'GCE', 'SCE', 'hard bootstrapping', 'MixUp', 'ELR',
+                                                          'Co-teaching', 'JoCoR']
+    assert rows[0].endswith('| 1.00× |') and all(float(row.split(' | ')[2][:-3]) > 0 for row in rows)
