@@ -79,6 +79,8 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import minilearn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import mean_std, paired  # noqa: E402
 from minilearn.callback import Callback, Order  # noqa: E402
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip  # noqa: E402
 from minilearn.callbacks.device import ChannelsLast, DeviceCallback, default_device  # noqa: E402
@@ -119,8 +121,6 @@ SCALES: dict[str, dict[str, Any]] = {
                   memorise_epochs=3, memorise_archs='bn6:4', memorise_seeds=1),
 }
 CNN_WIDTHS = (32, 64, 128, 256)  # the course CNN (get_cnn_model) at width 1: 0.39 M parameters
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -303,21 +303,6 @@ ARGS: argparse.Namespace = argparse.Namespace()
 
 
 # ---- statistics and detection -----------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1: return f'{values[0]:.2f}'
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
-
-
-def paired(values: list[float], reference: list[float]) -> str:
-    """Mean paired difference and its 95 % t-interval over seeds."""
-    d = [a - b for a, b in zip(values, reference)]
-    if len(d) < 2: return f'{d[0]:+.2f}'
-    m, s = statistics.mean(d), statistics.stdev(d)
-    half = T_975.get(len(d) - 1, 1.96) * s / math.sqrt(len(d))
-    mark = ' *' if m - half > 0 or m + half < 0 else ''
-    return f'{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]{mark}'
-
-
 def prf(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float, int]:
     tp = int((flagged & truth).sum())
     p = tp / max(1, int(flagged.sum()))

@@ -34,13 +34,12 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_options, start_run  # noqa: E402
+from _common import add_run_options, mean_std, paired, start_run  # noqa: E402
 
 from minilearn import (BatchTransformXCallback, Callback, DataBunch, Learner, Normalize,  # noqa: E402
                        RandomCropPad, RandomFlip, TensorLoader, vision_learner)
 from minilearn.vision import IMAGENET_STATS  # noqa: E402
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 SCALES = {  # pretrain epochs, fine-tune epochs E (each row trains E+1), images per class, seeds, test images per class
     'cpu': dict(pre_epochs=3, epochs=4, sizes=(50, 200), seeds=5, test_per_class=None),  # ~12 min on a free core
@@ -176,20 +175,6 @@ def run_one(args: argparse.Namespace, method: str, weights: Path, x: torch.Tenso
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def paired(values: list[float], reference: list[float]) -> str:
-    """Mean paired difference and its 95 % t-interval over seeds (* when it excludes 0)."""
-    d = [a - b for a, b in zip(values, reference)]
-    if len(d) < 2: return f'{d[0]:+.2f}'
-    m, s = statistics.mean(d), statistics.stdev(d)
-    half = T_975.get(len(d) - 1, 1.96) * s / math.sqrt(len(d))
-    mark = ' *' if m - half > 0 or m + half < 0 else ''
-    return f'{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]{mark}'
-
-
-def mean_sd(values: list[float]) -> str:
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}' if len(values) > 1 else f'{values[0]:.2f}'
-
-
 METHODS = ('fine_tune', 'unfrozen', 'scratch')
 
 
@@ -206,7 +191,7 @@ def report(args: argparse.Namespace, acc: dict, speeds: list[float], pre_seconds
              '|---|---|---|---|---|---|']
     for n in s['sizes']:
         a = acc[n]
-        lines.append(f"| {n} | {mean_sd(a['fine_tune'])} | {mean_sd(a['unfrozen'])} | {mean_sd(a['scratch'])} | "
+        lines.append(f"| {n} | {mean_std(a['fine_tune'])} | {mean_std(a['unfrozen'])} | {mean_std(a['scratch'])} | "
                      f"{paired(a['fine_tune'], a['unfrozen'])} | {paired(a['fine_tune'], a['scratch'])} |")
     ratio = statistics.median(speeds) if speeds else float('nan')
     lines += ['', f"Cost: the frozen epoch trains at {ratio:.2f}x the images per second of the unfrozen ones "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['REDUCTIONS', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'smooth_one_hot',
+__all__ = ['REDUCTIONS', 'lin_comb', 'reduce_loss', 'loss_reduction', 'NoneReduce', 'WrappedLoss', 'smooth_one_hot',
            'LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'SoftBootstrappingLoss', 'HardBootstrappingLoss',
            'GeneralizedCrossEntropy', 'SymmetricCrossEntropy']
 
@@ -55,6 +55,29 @@ def loss_reduction(loss_func: Any) -> str:
         return loss_func.keywords.get('reduction', loss_reduction(loss_func.func))
     return 'mean'
 
+
+
+class WrappedLoss:
+    """The loss a callback puts in place of the user's for a fit (MixUp's, ELR's): the user's is `base_loss_func`
+    (what `core.unwrap_loss` finds), and `reduction` reads and writes the user's loss's reduction."""
+
+    def __init__(self, base_loss_func: Callable):
+        self.base_loss_func = base_loss_func
+        self._reduction: str | None = None  # set only for a base loss that is a plain function
+
+    @property
+    def reduction(self) -> str:
+        return self._reduction or loss_reduction(self.base_loss_func)
+
+    @reduction.setter
+    def reduction(self, value: str) -> None:
+        if hasattr(self.base_loss_func, 'reduction'): self.base_loss_func.reduction = value
+        else: self._reduction = value
+
+    def base_loss(self, pred: Any, yb: Any) -> Any:
+        """The user's loss of the batch, with the reduction set on this wrapper."""
+        if self._reduction is None: return self.base_loss_func(pred, yb)
+        return self.base_loss_func(pred, yb, reduction=self._reduction)
 
 class NoneReduce:
     """`with NoneReduce(loss_func) as per_item:` a version of the loss giving per-item losses inside the block.

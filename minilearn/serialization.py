@@ -258,23 +258,37 @@ def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: lis
 
 
 # ---- load ---------------------------------------------------------------------------------------------
-def _listed(items: list[str]) -> str:
+def listed(items: list[str]) -> str:
+    """The first names of a long list, and how many more there are."""
     shown = ', '.join(items[:_MAX_LISTED])
     return shown + (f' (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else '')
 
 
+def is_tensor_dict(state: Any) -> bool:
+    """Whether `state` is a state dict: a dict of tensors."""
+    return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def state_differences(expected: dict, state: dict, keys: list[str],
+                      names: tuple[str, str] = ('checkpoint', 'model')) -> tuple[list[str], list[str], list[str]]:
+    """What keeps `state` from loading into a module whose state dict is `expected`: the `keys` missing from it,
+    its keys the module lacks, and the shape mismatches among `keys` ('name: <file> (...) vs <module> (...)')."""
+    missing = [k for k in keys if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f'{k}: {names[0]} {tuple(state[k].shape)} vs {names[1]} {tuple(expected[k].shape)}'
+                  for k in keys if k in state and state[k].shape != expected[k].shape]
+    return missing, unexpected, mismatched
+
+
 def _check_model_state(model: nn.Module, state: Any, strict: bool, path: Path) -> None:
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not is_tensor_dict(state):
         raise CheckpointError(f"checkpoint {str(path)!r} has no valid model state (a dict of tensors)")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}'
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing, unexpected, mismatched = state_differences(expected, state, list(expected))
     problems = []
-    if strict and missing: problems.append(f"missing keys (in the model, not in the file): {_listed(missing)}")
-    if strict and unexpected: problems.append(f"unexpected keys (in the file, not in the model): {_listed(unexpected)}")
-    if mismatched: problems.append(f"shape mismatches: {_listed(mismatched)}")
+    if strict and missing: problems.append(f"missing keys (in the model, not in the file): {listed(missing)}")
+    if strict and unexpected: problems.append(f"unexpected keys (in the file, not in the model): {listed(unexpected)}")
+    if mismatched: problems.append(f"shape mismatches: {listed(mismatched)}")
     if problems:
         hint = ("Build the learner with the model architecture the checkpoint was saved from"
                 + (", or pass strict=False to load only the matching keys." if not mismatched else "."))

@@ -48,7 +48,7 @@ from .callbacks.transforms import BatchTransformXCallback
 from .core import optional_import
 from .data.normalize import Normalize
 from .learner import Learner
-from .serialization import CheckpointError, safe_load
+from .serialization import CheckpointError, is_tensor_dict, listed, safe_load, state_differences
 
 __all__ = ['vision_learner', 'create_body', 'create_head', 'create_vision_model', 'AdaptiveConcatPool2d',
            'TimmBody', 'default_split', 'model_meta', 'has_pool_type', 'IMAGENET_STATS', 'PretrainedWeightsError']
@@ -331,26 +331,17 @@ def _timm_model(name: str, pretrained: bool, n_in: int, full: bool = False) -> n
 
 
 # ---- local weights -----------------------------------------------------------------------------------
-def _listed(keys: list[str], limit: int = 8) -> str:
-    return ', '.join(keys[:limit]) + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
-
-
 def _load_local_weights(model: nn.Module, path: Path, kept: list[str], arch: str) -> None:
     """Load the state dict at `path` into `model` (the whole architecture): the keys in `kept` (those of the
     body) must all be there with their shapes; keys the architecture does not have are errors; keys of the
     parts cut away (the classifier) are ignored."""
     state = safe_load(path)
     if isinstance(state, dict) and isinstance(state.get('model'), dict): state = state['model']  # learn.save's
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{str(path)!r} holds no state dict (a dict of tensors)")
-    expected = model.state_dict()
-    missing = [k for k in kept if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f'{k}: file {tuple(state[k].shape)} vs {tuple(expected[k].shape)}'
-                  for k in kept if k in state and state[k].shape != expected[k].shape]
-    problems = ([f"missing keys (in the body, not in the file): {_listed(missing)}"] if missing else []) + \
-        ([f"unexpected keys (not in {arch}): {_listed(unexpected)}"] if unexpected else []) + \
-        ([f"shape mismatches: {_listed(mismatched)}"] if mismatched else [])
+    if not is_tensor_dict(state): raise CheckpointError(f"{str(path)!r} holds no state dict (a dict of tensors)")
+    missing, unexpected, mismatched = state_differences(model.state_dict(), state, kept, names=('file', arch))
+    problems = ([f"missing keys (in the body, not in the file): {listed(missing)}"] if missing else []) + \
+        ([f"unexpected keys (not in {arch}): {listed(unexpected)}"] if unexpected else []) + \
+        ([f"shape mismatches: {listed(mismatched)}"] if mismatched else [])
     if problems:
         raise CheckpointError(f"the weights in {str(path)!r} do not fit {arch}: " + '; '.join(problems)
                               + ". Pass the architecture they were saved from (the model's state_dict() before "

@@ -146,7 +146,7 @@ def test_pretrained_path_names_missing_unexpected_and_misshapen_keys(tmp_path):
     text = str(err.value)
     assert 'missing keys (in the body, not in the file): layer1.0.conv1.weight' in text
     assert 'unexpected keys (not in resnet18): extra.weight' in text
-    assert 'layer4.1.bn2.weight: file (3,) vs (512,)' in text
+    assert 'layer4.1.bn2.weight: file (3,) vs resnet18 (512,)' in text
 
 
 def test_grayscale_input_sums_the_pretrained_first_conv_and_skips_rgb_normalization(tmp_path):

@@ -17,7 +17,7 @@ from torch.distributions import Beta
 
 from ..callback import Callback, Order
 from ..core import check_positive
-from ..losses import NoneReduce, _check_fraction, lin_comb, loss_reduction, reduce_loss
+from ..losses import NoneReduce, WrappedLoss, _check_fraction, lin_comb, reduce_loss
 
 __all__ = ['MixHandler', 'MixUp', 'CutMix', 'MixUpCutMix', 'MixUpLoss']
 
@@ -54,7 +54,7 @@ def _check_flag(owner: str, name: str, value: Any) -> bool:
     return value
 
 
-class MixUpLoss:
+class MixUpLoss(WrappedLoss):
     """The loss while a mixing callback trains: mixes the per-item losses of both targets with the batch's λ.
 
     The user's loss is `base_loss_func` (what `minilearn.core.unwrap_loss` returns); `reduction` reads
@@ -64,25 +64,12 @@ class MixUpLoss:
     """
 
     def __init__(self, base_loss_func: Callable, mixup: MixHandler):
-        self.base_loss_func, self.mixup = base_loss_func, mixup
-        self._reduction: str | None = None  # set only for a base loss that is a plain function
-
-    @property
-    def reduction(self) -> str:
-        return self._reduction or loss_reduction(self.base_loss_func)
-
-    @reduction.setter
-    def reduction(self, value: str) -> None:
-        if hasattr(self.base_loss_func, 'reduction'): self.base_loss_func.reduction = value
-        else: self._reduction = value
-
-    def _base(self, pred: Any, yb: Any) -> Any:
-        if self._reduction is None: return self.base_loss_func(pred, yb)
-        return self.base_loss_func(pred, yb, reduction=self._reduction)
+        super().__init__(base_loss_func)
+        self.mixup = mixup
 
     def __call__(self, pred: Any, yb: Any) -> Any:
         mixup = self.mixup
-        if not mixup.run.in_train or mixup.lam is None or _is_soft(yb): return self._base(pred, yb)
+        if not mixup.run.in_train or mixup.lam is None or _is_soft(yb): return self.base_loss(pred, yb)
         reduction = self.reduction
         with NoneReduce(self.base_loss_func) as per_item:
             loss1, loss2 = per_item(pred, yb), per_item(pred, mixup.yb1)

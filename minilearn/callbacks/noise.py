@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..callback import Callback, require_idx
 from ..core import check_positive
-from ..losses import loss_reduction, reduce_loss
+from ..losses import WrappedLoss, reduce_loss
 from .mixup import MixHandler
 
 __all__ = ['ELR', 'ELRLoss', 'AreaUnderMargin']
@@ -61,7 +61,7 @@ def _check_state(name: str, state: Any, keys: tuple[str, ...], n_items: int | No
                              f"resume with the same training data")
 
 
-class ELRLoss:
+class ELRLoss(WrappedLoss):
     """The loss while ELR trains: the user's loss, plus λ·(per-item log(1 − ⟨tᵢ, pᵢ⟩)) reduced like it.
 
     In training it first moves the batch's targets tᵢ towards the detached, clamped predictions (the authors'
@@ -69,21 +69,11 @@ class ELRLoss:
     """
 
     def __init__(self, base_loss_func: Callable, elr: ELR):
-        self.base_loss_func, self.elr = base_loss_func, elr
-        self._reduction: str | None = None  # set only for a base loss that is a plain function
-
-    @property
-    def reduction(self) -> str:
-        return self._reduction or loss_reduction(self.base_loss_func)
-
-    @reduction.setter
-    def reduction(self, value: str) -> None:
-        if hasattr(self.base_loss_func, 'reduction'): self.base_loss_func.reduction = value
-        else: self._reduction = value
+        super().__init__(base_loss_func)
+        self.elr = elr
 
     def __call__(self, pred: Any, yb: Any) -> Any:
-        if self._reduction is None: loss = self.base_loss_func(pred, yb)
-        else: loss = self.base_loss_func(pred, yb, reduction=self._reduction)
+        loss = self.base_loss(pred, yb)
         if not self.elr.run.in_train: return loss
         return loss + self.elr.lam * reduce_loss(self.elr.regularizer(pred), self.reduction)
 
