@@ -1,6 +1,10 @@
 """Small generated data and models shared by the tests (no network, no files)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -89,3 +93,12 @@ def forbid_host_reads(monkeypatch) -> None:
     """Make every host read of a tensor raise until `monkeypatch.undo()`."""
     def forbidden(*args, **kwargs): raise AssertionError('host read on the batch path')
     for name in READ_BACK: monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/<name>.py as a module (the bench folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / 'bench' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,20 @@
 """The memorisation study's smoke mode and its bookkeeping: every row and table, gap closure, resuming, shards."""
-import importlib.util
 import json
 import math
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import load_bench
 from torch import nn
 
 import minilearn
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'bench' / 'noisy_memorisation.py'
-
 
 @pytest.fixture(scope='module')
 def study():
-    spec = importlib.util.spec_from_file_location('noisy_memorisation_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('noisy_memorisation')
 
 
 def test_gap_closure_and_scores_by_hand(study):
@@ -118,9 +113,7 @@ def test_smoke_run_writes_every_table_resumes_and_merges_shards(study, tmp_path,
 
 
 def test_cost_benchmark_smoke_times_every_method_against_ce(capsys):
-    spec = importlib.util.spec_from_file_location('noise_cost_bench', SCRIPT.parent / 'noise_cost.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench('noise_cost')
     assert module.main(['--smoke', '--rounds', '1', '--epochs', '1']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '×' in line]
     assert [row.split(' | ')[0][2:] for row in rows] == ['CE', 'GCE', 'SCE', 'hard bootstrapping', 'MixUp', 'ELR',

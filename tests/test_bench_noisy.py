@@ -1,18 +1,12 @@
 """The label-noise study's smoke mode: the whole pipeline (every method, both detection regimes) on generated data."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'bench' / 'noisy_labels.py'
+from helpers import load_bench
 
 
 @pytest.fixture(scope='module')
 def study():
-    spec = importlib.util.spec_from_file_location('noisy_labels_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('noisy_labels')
 
 
 def test_paired_difference_and_its_t_interval_by_hand(study):

@@ -1,25 +1,18 @@
 """The transfer study's smoke mode: pretraining, the three rows, paired differences and the cost line, on
 generated data."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'bench' / 'transfer.py'
+from helpers import load_bench
 
 
 @pytest.fixture(scope='module')
 def study():
-    spec = importlib.util.spec_from_file_location('transfer_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('transfer')
 
 
-def test_paired_difference_and_its_t_interval_by_hand(study):
-    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2 df) = 4.303, half-width 4.303 / sqrt(3) = 2.484
-    assert study.paired([11., 12., 13.], [10., 10., 10.]) == '+2.00 [-0.48, +4.48]'
-    assert study.paired([12., 12.5, 13.], [10., 10., 10.]).endswith(' *')
+def test_the_paired_difference_is_the_studies_shared_one(study):
+    assert study.paired.__module__ == '_common'  # bench/_common.py's, tested by hand in test_bench_noisy.py
 
 
 @pytest.mark.slow
