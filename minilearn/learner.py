@@ -20,7 +20,7 @@ from .checks import check_batch, check_dataset_targets
 from .core import check_positive, listify
 from .export import export_learner
 from .inference import get_preds, predict, show_results, summary, tta
-from .serialization import ReadCheckpoint, load_for_resume, load_learner_state, save_learner
+from .serialization import ReadCheckpoint, hyper_params, load_for_resume, load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -117,6 +117,7 @@ class Learner:
         self.xb = self.yb = self.idx = self.pred = self.loss = None
         self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
         self.n_epochs, self.position = 0., Position()  # where the current (or last) fit started
+        self.start_hypers: list[dict] | None = None  # the optimizer's hyper-parameters when that fit started
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
         self._preflight_pending = self._stepped = False
@@ -263,6 +264,8 @@ class Learner:
         failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
+            # What schedules put back at after_fit; a resume loaded those of the fit it continues.
+            self.start_hypers = hyper_params(self.opt)
             self.epochs, self.position, self.loss = epochs, position, torch.tensor(0.)
             self._preflight_pending = True
             self('begin_fit')

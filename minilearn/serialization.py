@@ -3,7 +3,8 @@
 A checkpoint (`learn.save`) is a dict of plain tensors and containers: `model` (state dict), `opt` (optimizer
 state, None with `with_opt=False`) and `opt_class`, `epoch` and `iter` (the position: `iter` batches of epoch
 `epoch` done; at an epoch's end `iter` is 0 and `epoch` the number of completed epochs, which resumes with
-`fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`, `callbacks`
+`fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`, `start_hypers` (the optimizer's hyper-parameters when
+that fit started, which its schedules put back at `after_fit`: a resumed fit starts from them too), `callbacks`
 ({name: state} of every callback with a `state_dict`), `loader` (the training loader's position, when it has
 a `state_dict`: the resumable loader protocol) and `rng` (torch, CUDA, numpy and python generator states).
 `learn.load` restores all of it, the global random generators included, so that the resumed run draws what
@@ -12,6 +13,7 @@ the uninterrupted one would have; `fit(epochs, resume=path)` loads it and contin
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import os
 import pickle
@@ -31,9 +33,9 @@ from torch import nn
 from .callback import Position, has_state
 from .core import is_main_process, unwrap_partial
 
-__all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
+__all__ = ['CheckpointError', 'CorruptCheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
            'ReadCheckpoint', 'read_checkpoint', 'load_for_resume', 'training_position', 'has_position',
-           'get_rng_states', 'set_rng_states']
+           'get_rng_states', 'set_rng_states', 'hyper_params']
 
 _FORMAT = 'minilearn-checkpoint'
 _VERSION = 1  # `iter`, `epochs` and `loader` were added without a new version: older files lack them (iter 0)
@@ -42,6 +44,10 @@ _MAX_LISTED = 10
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, is unsafe to read, or does not fit the learner."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is truncated, or whose contents differ from what was written (its checksum)."""
 
 
 # ---- paths and files --------------------------------------------------------------------------------
@@ -182,6 +188,25 @@ def set_rng_states(states: dict) -> None:
     for setter in _rng_setters(states): setter()
 
 
+# ---- optimizer hyper-parameters ------------------------------------------------------------------------
+def hyper_params(opt: Any) -> list[dict] | None:
+    """Every param group's hyper-parameters (all its entries but `params`), copied; None without an optimizer."""
+    if opt is None: return None
+    return [{k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in g.items()
+             if k != 'params'} for g in opt.param_groups]
+
+
+def _with_start_hypers(opt_state: dict, start: Any, path: Path) -> dict:
+    # A resumed fit starts from the hyper-parameters the interrupted fit started with (its schedules set the
+    # current ones before the next step), so that after_fit puts back what the uninterrupted fit puts back.
+    groups = opt_state.get('param_groups', [])
+    if not isinstance(start, list) or len(start) != len(groups) or not all(isinstance(h, dict) for h in start):
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed start hyper-parameters ({len(groups)} param "
+                              f"groups in the optimizer state)")
+    return {**opt_state, 'param_groups': [{**g, **{k: v for k, v in h.items() if k in g}}
+                                          for g, h in zip(groups, start)]}
+
+
 # ---- save ---------------------------------------------------------------------------------------------
 def _bare_model(model: nn.Module) -> nn.Module:
     """The user's module behind DistributedDataParallel / DataParallel / torch.compile wrappers."""
@@ -248,6 +273,7 @@ def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: lis
              'opt_class': None if opt is None else type(opt).__name__,
              'epoch': epoch, 'iter': it, 'epochs': int(learn.epochs),
              'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
+             'start_hypers': None if opt is None else getattr(learn, 'start_hypers', None),
              'callbacks': _callback_states(learn),
              'loader': dl.state_dict() if has_position(dl) else None,
              'rng': get_rng_states(), 'ranks': ranks}
@@ -418,6 +444,8 @@ def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict:
     model = _bare_model(learn.model)
     _check_model_state(model, ckpt['model'], strict, path)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
+    if resume and opt_state is not None and ckpt.get('start_hypers') is not None:
+        opt_state = _with_start_hypers(opt_state, ckpt['start_hypers'], path)
     rng_setters = _rng_to_restore(ckpt, path)
     loader_state = _loader_to_load(learn, ckpt, path, resume)
     stateful = _stateful_callbacks(learn)

@@ -1,0 +1,110 @@
+"""Faults a run survives: a resume ends exactly like the uninterrupted fit (hyper-parameters included), corrupt
+checkpoints are detected and the previous one is kept, `resume='auto'`, and a full disk during a checkpoint."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import linear_data, same_weights, weights
+from minilearn.callbacks.checkpoint import CheckpointCallback
+from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.recorder import Recorder
+from minilearn.callbacks.schedule import ParamScheduler, sched_cos, sched_lin
+from minilearn.learner import Callback, Learner
+from minilearn.serialization import CheckpointError, CorruptCheckpointError, read_checkpoint, safe_load
+
+EPOCHS, BS, N_TRAIN = 3, 8, 48  # 6 training batches per epoch
+
+
+class Crash(Callback):
+    """Dies inside a training batch of epoch 1, after the checkpoint of batch 4 of it."""
+
+    def after_pred(self):
+        if self.run.in_train and (self.run.epoch, self.run.iter) == (1, 4): raise RuntimeError('node lost')
+
+
+def build_learner(path, opt_func, cbs=()):
+    torch.manual_seed(0)
+    data = linear_data(n_train=N_TRAIN, n_valid=16, bs=BS)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    learn = Learner(model, data, nn.CrossEntropyLoss(), opt_func=opt_func, lr=0.1, path=path, cbs=list(cbs),
+                    cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder])
+    learn.logger = lambda *args: None
+    return learn
+
+
+def one_cycle(learn, **kwargs):
+    learn.fit_one_cycle(EPOCHS, **kwargs)
+
+
+def mom_and_wd(learn, **kwargs):
+    learn.fit(EPOCHS, cbs=[ParamScheduler('mom', sched_cos(0.95, 0.8)),
+                           ParamScheduler('weight_decay', sched_lin(1e-2, 1e-4))], **kwargs)
+
+
+def callback_states(learn):
+    return {cb.name: cb.state_dict() for cb in learn.cbs if cb.state_dict() is not None}
+
+
+def same_tree(a, b):
+    """Equal containers whose tensors are equal bit for bit."""
+    if isinstance(a, torch.Tensor): return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)): return type(a) is type(b) and len(a) == len(b) and all(map(same_tree, a, b))
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def without_time(state):
+    if isinstance(state, dict): return {k: without_time(v) for k, v in state.items() if k != 'time'}
+    if isinstance(state, list): return [without_time(v) for v in state]
+    return state
+
+
+@pytest.mark.parametrize('schedule, opt_func', [
+    (one_cycle, torch.optim.SGD),  # momentum 0 to start with: one-cycle turns it on, after_fit puts 0 back
+    (one_cycle, partial(torch.optim.Adam, betas=(0.9, 0.99))),
+    (mom_and_wd, partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)),
+], ids=['one-cycle-SGD', 'one-cycle-Adam', 'momentum-and-weight-decay'])
+def test_a_resumed_fit_ends_exactly_like_the_uninterrupted_one(tmp_path, schedule, opt_func):
+    straight = build_learner(tmp_path / 'straight', opt_func)
+    schedule(straight)
+    started = straight.start_hypers
+    assert [g['lr'] for g in straight.opt.param_groups] == [0.1]  # what the fit started with, put back
+    crashed = build_learner(tmp_path / 'crashed', opt_func, cbs=[CheckpointCallback('ckpt', every_n_batches=2),
+                                                                   Crash()])
+    with pytest.raises(RuntimeError, match='node lost'):
+        schedule(crashed)
+    ckpt = crashed.path / 'models' / 'ckpt.pth'
+    written = safe_load(ckpt)
+    assert (written['epoch'], written['iter']) == (1, 4)
+    assert same_tree(written['start_hypers'], started)  # the checkpoint records what the fit started with
+    mid = written['opt']['param_groups'][0]
+    assert any(mid[k] != started[0][k] for k in ('lr', 'momentum', 'betas', 'weight_decay') if k in mid)
+
+    torch.manual_seed(1234)
+    resumed = build_learner(tmp_path / 'crashed', opt_func)
+    schedule(resumed, resume=ckpt)
+    assert (resumed.position.epoch, resumed.position.batches_done) == (1, 4)
+    assert same_weights(weights(resumed.model), weights(straight.model))
+    assert same_tree(resumed.opt.state_dict(), straight.opt.state_dict())  # state and hyper-parameters
+    assert same_tree(resumed.start_hypers, straight.start_hypers)
+    assert same_tree(without_time(callback_states(resumed)), without_time(callback_states(straight)))
+    assert resumed.recorder.hypers == straight.recorder.hypers
+    resumed.save(tmp_path / 'resumed.pth')
+    straight.save(tmp_path / 'straight.pth')
+    a, b = safe_load(tmp_path / 'resumed.pth'), safe_load(tmp_path / 'straight.pth')
+    for key in ('model', 'opt', 'start_hypers', 'epoch', 'iter', 'n_iter', 'n_epochs', 'loader', 'rng'):
+        assert same_tree(a[key], b[key]), key
+    # and anything trained afterwards trains alike: the LR finder's sweep from the learners as they stand
+    assert resumed.lr_find(max_iter=8) == straight.lr_find(max_iter=8)
+    assert resumed.recorder.losses == straight.recorder.losses
+    assert same_tree(resumed.opt.state_dict(), straight.opt.state_dict())
