@@ -13,6 +13,7 @@ from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
                        Position, TrainEvalCallback, callback_name, flag)
+from .callbacks.checkpoint import auto_resume
 from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
@@ -243,7 +244,10 @@ class Learner:
 
         `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s; its path, or `read_checkpoint(path)`) to
         load first and continue from where it was written, inside an epoch included; the run then ends as the
-        uninterrupted one would.
+        uninterrupted one would. `resume='auto'`: the attached CheckpointCallback's newest intact checkpoint
+        (falling back to an earlier one it kept, with a warning, when the newest is corrupt; one written at the
+        end of the run loads and leaves nothing to train), else a fresh start: what a script restarted by
+        `torchrun --max-restarts` or a cluster's requeue passes.
         A fit that fails before its first optimizer step leaves the model, optimizer and step counters as they
         were (what a resume loaded included; the callback states, random generators and loader position it
         loaded stay).
@@ -256,8 +260,10 @@ class Learner:
             for cb in cbs:
                 self.add_cb(cb)
                 added.append(cb)
+            auto = isinstance(resume, str) and resume == 'auto'
+            if auto: resume = auto_resume(self)
             if resume is not None:
-                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
+                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt, finished_ok=auto)
         except Exception:
             self.remove_cbs(added)
             raise

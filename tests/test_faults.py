@@ -58,7 +58,8 @@ def callback_states(learn):
 def same_tree(a, b):
     """Equal containers whose tensors are equal bit for bit."""
     if isinstance(a, torch.Tensor): return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)): return type(a) is type(b) and len(a) == len(b) and all(map(same_tree, a, b))
     return a == b or (a != a and b != b)  # NaN == NaN here
 
@@ -108,3 +109,97 @@ def test_a_resumed_fit_ends_exactly_like_the_uninterrupted_one(tmp_path, schedul
     assert resumed.lr_find(max_iter=8) == straight.lr_find(max_iter=8)
     assert resumed.recorder.losses == straight.recorder.losses
     assert same_tree(resumed.opt.state_dict(), straight.opt.state_dict())
+
+
+# ---- corrupt checkpoints ---------------------------------------------------------------------------------------
+def saved_learner(tmp_path):
+    learn = build_learner(tmp_path, torch.optim.SGD)
+    learn.fit(1)
+    return learn, learn.save(tmp_path / 'ckpt.pth')
+
+
+def flip_a_weight_bit(path, tensor):
+    """Flip one bit inside `tensor`'s bytes where the file stores them (the zip holds them uncompressed)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.detach().contiguous().numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_torch_alone_loads_a_flipped_bit_silently(tmp_path):
+    learn, path = saved_learner(tmp_path)
+    flip_a_weight_bit(path, learn.model[0].weight)
+    loaded = torch.load(path, weights_only=True)  # no error: the zip has no check on tensor data
+    assert not torch.equal(loaded['model']['0.weight'], learn.model[0].weight)
+
+
+@pytest.mark.parametrize('damage', ['flipped bit', 'truncated'])
+def test_a_corrupt_checkpoint_is_one_error_naming_the_file_and_the_learner_is_unchanged(tmp_path, damage):
+    learn, path = saved_learner(tmp_path)
+    if damage == 'flipped bit': flip_a_weight_bit(path, learn.model[0].weight)
+    else: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    other = build_learner(tmp_path, torch.optim.SGD)
+    other.fit(1, cbs=[ParamScheduler('lr', sched_lin(0.05, 0.01))])
+    before, opt_before = weights(other.model), other.opt.state_dict()
+    for attempt in (lambda: other.load(path), lambda: other.fit(2, resume=path), lambda: read_checkpoint(path)):
+        with pytest.raises(CorruptCheckpointError, match='is corrupt') as info:
+            attempt()
+        assert str(path) in str(info.value)
+        assert same_weights(weights(other.model), before) and same_tree(other.opt.state_dict(), opt_before)
+
+
+def test_keep_keeps_the_previous_checkpoints_and_nothing_else(tmp_path):
+    learn = build_learner(tmp_path, torch.optim.SGD, cbs=[CheckpointCallback('ckpt', every_n_batches=2, keep=3)])
+    learn.fit(2)
+    folder = tmp_path / 'models'
+    assert sorted(p.name for p in folder.iterdir()) == ['ckpt.1.pth', 'ckpt.2.pth', 'ckpt.pth']
+    # written after batches 2, 4 of epoch 1, then at its end: newest first
+    assert [safe_load(folder / n)['n_iter'] for n in ('ckpt.pth', 'ckpt.1.pth', 'ckpt.2.pth')] == [12, 10, 8]
+    with pytest.raises(ValueError, match='keep must be a positive int'):
+        CheckpointCallback(keep=0)
+
+
+# ---- resume='auto' -----------------------------------------------------------------------------------------
+def test_resume_auto_starts_from_scratch_then_resumes_and_falls_back_past_a_corrupt_checkpoint(tmp_path):
+    straight = build_learner(tmp_path / 'straight', torch.optim.SGD)
+    one_cycle(straight)
+    # first start: no checkpoint yet, the same call trains from scratch
+    ckpt = partial(CheckpointCallback, 'ckpt', every_n_batches=2, keep=2)
+    first = build_learner(tmp_path / 'auto', torch.optim.SGD, cbs=[ckpt(), Crash()])
+    with pytest.raises(RuntimeError, match='node lost'):
+        one_cycle(first, resume='auto')
+    folder = tmp_path / 'auto' / 'models'
+    assert [safe_load(folder / n)['iter'] for n in ('ckpt.pth', 'ckpt.1.pth')] == [4, 2]
+    flip_a_weight_bit(folder / 'ckpt.pth', safe_load(folder / 'ckpt.pth')['model']['0.weight'])
+    # the restart: the newest is corrupt, so it continues from the one before, with a warning naming both
+    torch.manual_seed(99)
+    restarted = build_learner(tmp_path / 'auto', torch.optim.SGD, cbs=[ckpt()])
+    expected = r"ckpt\.pth' is corrupt.*resuming from the previous checkpoint .*ckpt\.1\.pth"
+    with pytest.warns(UserWarning, match=expected):
+        one_cycle(restarted, resume='auto')
+    assert (restarted.position.epoch, restarted.position.batches_done) == (1, 2)
+    assert same_weights(weights(restarted.model), weights(straight.model))
+    assert same_tree(restarted.opt.state_dict(), straight.opt.state_dict())
+    # a restart after the end: the last checkpoint loads, nothing is left to train
+    again = build_learner(tmp_path / 'auto', torch.optim.SGD, cbs=[ckpt()])
+    one_cycle(again, resume='auto')
+    assert again.position.epoch == EPOCHS and same_weights(weights(again.model), weights(straight.model))
+    assert again.recorder.losses == straight.recorder.losses and again.n_iter == EPOCHS * N_TRAIN // BS
+    with pytest.raises(ValueError, match='nothing left to train'):  # an explicit resume of it is refused as before
+        build_learner(tmp_path / 'auto', torch.optim.SGD).fit(EPOCHS, resume=folder / 'ckpt.pth')
+
+
+def test_resume_auto_needs_a_checkpoint_callback_and_an_intact_file(tmp_path):
+    learn = build_learner(tmp_path, torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"resume='auto'.*attach one"):
+        learn.fit(1, resume='auto')
+    learn.add_cb(CheckpointCallback('ckpt', keep=2))
+    learn.fit(2)
+    for name in ('ckpt.pth', 'ckpt.1.pth'):
+        path = tmp_path / 'models' / name
+        path.write_bytes(path.read_bytes()[:100])
+    before = weights(learn.model)
+    with pytest.raises(CorruptCheckpointError, match='no intact checkpoint to resume from'):
+        learn.fit(3, resume='auto')
+    assert same_weights(weights(learn.model), before)
