@@ -203,3 +203,57 @@ def test_resume_auto_needs_a_checkpoint_callback_and_an_intact_file(tmp_path):
     with pytest.raises(CorruptCheckpointError, match='no intact checkpoint to resume from'):
         learn.fit(3, resume='auto')
     assert same_weights(weights(learn.model), before)
+
+
+# ---- a full disk during a checkpoint -------------------------------------------------------------------------
+DISK_FULL = '''
+import json, os, resource, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_faults import build_learner
+from minilearn.callbacks.checkpoint import CheckpointCallback
+from minilearn.learner import Callback
+from minilearn.serialization import safe_load
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that a write past the limit raises EFBIG instead of killing
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+class DiskFills(Callback):
+    """From the 4th training batch on, no file may grow past 2000 bytes (a checkpoint is larger)."""
+    def begin_batch(self):
+        if self.run.in_train and self.run.n_iter == 3: resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+
+handler = signal.getsignal(signal.SIGTERM)
+learn = build_learner({path!r}, torch.optim.SGD, cbs=[CheckpointCallback('ckpt', every_n_batches=2), DiskFills()])
+try:
+    learn.fit_one_cycle(2)
+    error = None
+except Exception as e:
+    error = e
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+folder = learn.path / 'models'
+print(json.dumps({{'type': type(error).__name__, 'errno': getattr(error, 'errno', None), 'message': str(error),
+                  'files': sorted(os.listdir(folder)), 'n_iter': safe_load(folder / 'ckpt.pth')['n_iter'],
+                  'lr': [g['lr'] for g in learn.opt.param_groups], 'momentum': learn.opt.param_groups[0]['momentum'],
+                  'callbacks': [type(cb).__name__ for cb in learn.cbs], 'handler': signal.getsignal(signal.SIGTERM) == handler}}))
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='file-size limits (RLIMIT_FSIZE) are POSIX')
+def test_a_full_disk_during_a_checkpoint_stops_with_one_clear_error_and_keeps_the_previous(tmp_path):
+    script = DISK_FULL.format(tests=str(Path(__file__).parent), path=str(tmp_path))
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    path = tmp_path / 'models' / 'ckpt.pth'
+    assert result['type'] == 'OSError' and result['errno'] == errno.EFBIG
+    assert f"could not write {str(path)!r}: File too large (the file exceeds the file-size limit" in result['message']
+    assert result['files'] == ['ckpt.pth'] and result['n_iter'] == 2  # the previous checkpoint, no temporary file
+    learn = build_learner(tmp_path, torch.optim.SGD)
+    learn.fit_one_cycle(2, resume=path)  # it loads, and the run continues from it
+    assert (learn.position.epoch, learn.position.batches_done) == (0, 2)
+    # after_fit restored the learner: the rates the fit started with, its callbacks and the signal handler
+    assert result['lr'] == [0.1] and result['momentum'] == 0 and result['handler']
+    assert result['callbacks'] == ['TrainEvalCallback', 'CheckpointCallback', 'DiskFills', 'AvgStatsCallback',
+                                   'Recorder']
