@@ -257,3 +257,51 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_clear_error_and_keeps_th
     assert result['lr'] == [0.1] and result['momentum'] == 0 and result['handler']
     assert result['callbacks'] == ['TrainEvalCallback', 'CheckpointCallback', 'DiskFills', 'AvgStatsCallback',
                                    'Recorder']
+
+
+# ---- the command line: killed outright (SIGKILL), the same command again, against a run never interrupted ----------
+CLI_ARGS = ['train', '--n-per-class', '30', '--size', '12', '--bs', '6', '--epochs', '2', '--quiet']  # 50 batches/epoch
+
+
+@pytest.mark.slow
+def test_cli_killed_and_rerun_with_resume_if_exists_ends_with_the_same_model_pth(tmp_path):
+    import signal
+    import time
+    from minilearn.cli import main
+    killed, straight = tmp_path / 'killed', tmp_path / 'straight'
+    command = [*CLI_ARGS, '--out', str(killed), '--checkpoint-every', '7', '--resume-if-exists']
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'MPLBACKEND': 'Agg'}
+    proc = subprocess.Popen([sys.executable, '-m', 'minilearn', *command], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert main([*CLI_ARGS, '--out', str(straight)]) == 0  # meanwhile, the reference run in this process
+        deadline = time.time() + 240
+        while not (killed / 'checkpoint.1.pth').is_file():  # two checkpoints written
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, 'no checkpoint written within 240 s'
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # no handler, no last checkpoint: a node lost
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert json.loads((killed / 'metrics.json').read_text())['status'] == 'running'  # it never knew
+    written = safe_load(killed / 'checkpoint.pth')
+    assert written['epoch'] < 2
+    assert main(command) == 0  # the same command: it continues from the checkpoint
+    report = json.loads((killed / 'metrics.json').read_text())
+    assert report['status'] == 'complete' and report['resumed_from'] == {'epoch': written['epoch'],
+                                                                         'batch': written['iter']}
+    a, b = safe_load(killed / 'model.pth'), safe_load(straight / 'model.pth')
+    for key in ('model', 'opt', 'start_hypers', 'callbacks', 'epoch', 'iter', 'n_iter'):
+        assert same_tree(without_time(a[key]), without_time(b[key])), key
+    assert torch.equal(a['rng']['torch'], b['rng']['torch'])  # (the job never seeds numpy's or python's generator)
+    assert (a['opt']['param_groups'][0]['lr'], a['opt']['param_groups'][0]['momentum']) == (0.1, 0.9)
+    assert not any(p.name.startswith('checkpoint') for p in killed.iterdir())  # complete: nothing left to resume
+
+
+def test_cli_resume_if_exists_needs_checkpoint_every_and_no_resume(tmp_path, capsys):
+    from minilearn.cli import main
+    assert main(['train', '--out', str(tmp_path), '--resume-if-exists']) == 2
+    assert '--resume-if-exists needs --checkpoint-every N' in capsys.readouterr().err
+    assert main(['train', '--resume', str(tmp_path), '--checkpoint-every', '3', '--resume-if-exists']) == 2
+    assert 'leave --resume out' in capsys.readouterr().err
