@@ -55,7 +55,7 @@ __all__ = [
     'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler',
     # reliability
     'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback', 'TrackerCallback', 'CheckpointError',
-    'safe_load', 'atomic_write', 'CheckpointCallback', 'TrainingInterrupted',
+    'CorruptCheckpointError', 'safe_load', 'atomic_write', 'CheckpointCallback', 'TrainingInterrupted',
     # after training
     'get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
     'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_predictor',

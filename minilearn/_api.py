@@ -33,7 +33,7 @@ from .data.items import (CategoryProcessor, ImageList, ItemList, LabeledData, Pr
                          parent_labeler, random_splitter, split_by_func)
 from .data.transforms import (MakeRGB, ResizeFixed, Transform, compose, make_rgb, order_tfms, show_batch,
                               show_image, to_byte_tensor, to_float_tensor)
-from .serialization import CheckpointError, atomic_write, safe_load
+from .serialization import CheckpointError, CorruptCheckpointError, atomic_write, safe_load
 from .data.shapes import SHAPE_NAMES, ShapesDataset, make_shapes, save_shapes_folder, shapes_databunch, shapes_datasets
 from .export import Predictor, UnsafeArtifactError, export_learner, load_learner, load_predictor
 from .predictions import get_preds, hflip, predict, tta

@@ -98,7 +98,9 @@ class Callback:
     `loss`, `idx` (each item's dataset index, on the batch's device; None when the loader cannot tell); the
     loop's counters `epoch`, `epochs`, `iter`, `iters`, `n_epochs`, `n_iter`, `in_train`, `dl`;
     `position`, a `Position`: where the fit starts (a callback restores its own state in `load_state_dict`,
-    however the fit is resumed, and at `begin_fit` keeps what it holds only when `position.resuming`); and, for
+    however the fit is resumed, and at `begin_fit` keeps what it holds only when `position.resuming`);
+    `start_hypers`, the optimizer's hyper-parameters (per param group) when the fit started, what schedules put
+    back at `after_fit` (a resumed fit starts from those of the fit it continues); and, for
     the processes of a distributed fit, `rank` and `world_size` (0 and 1 unless DistributedCallback sets them; on
     other ranks than 0 callbacks with `main_process_only` get no event), `fit_device` (where the fit puts the
     model and batches, None when no callback chose: DistributedCallback sets this process's device, else

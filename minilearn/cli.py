@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .train_spec import (CHECKPOINT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS, UsageError,
-                         data_format, one_line, options_record)
+from .train_spec import (CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS,
+                         UsageError, data_format, one_line, options_record)
 
 __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 
@@ -30,7 +30,7 @@ DEFAULT_EPOCHS = 8
 DEFAULT_LR = 0.1
 DEFAULT_BS = 64
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
-RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet')  # options that do not change what is computed
+RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet', 'resume_if_exists')  # options that do not change what is computed
 ARCHS = ('cnn', 'resnet18')
 SCHEDULES = ('one-cycle', 'constant')
 
@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f'continue the run interrupted in DIR from DIR/{CHECKPOINT}, with the options saved in '
                           f'DIR/{RUN_OPTIONS}; it ends with the metrics and weights of a run never interrupted. '
                           f'Only {", ".join("--" + o.replace("_", "-") for o in RESUME_MAY_CHANGE)} may be given too')
+    run.add_argument('--resume-if-exists', action='store_true',
+                     help=f'with --checkpoint-every N: continue the run in --out from its checkpoint when there is '
+                          f'one (as --resume OUT does), else start it; the same command serves the first start and '
+                          f'every restart (torchrun --max-restarts, a cluster\'s requeue). The last '
+                          f'{CHECKPOINTS_KEPT} checkpoints are kept; a corrupt newest one gives way to the one before')
     train_parser.set_defaults(subparser=train_parser)  # so that unknown options are reported by `minilearn train`
     return parser
 
@@ -173,7 +178,14 @@ _PATH_OPTIONS = ('data', 'out')
 
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed `train` options, checked; with `--resume DIR`, the options saved in DIR/run.json (the few that
-    may change taken from `args`) and `resume` = `out` = DIR. Raises UsageError."""
+    may change taken from `args`) and `resume` = `out` = DIR (so too with `--resume-if-exists` when --out holds a
+    checkpoint). Raises UsageError."""
+    if args.resume_if_exists:
+        if args.checkpoint_every is None:
+            raise UsageError("--resume-if-exists needs --checkpoint-every N (the checkpoints it continues from)")
+        if args.resume is not None:
+            raise UsageError(f"--resume-if-exists continues the run in --out ({args.out}); leave --resume out")
+        if (args.out / CHECKPOINT).is_file(): args.resume = args.out
     if args.resume is not None: args = _resumed(args, parser)
     if args.checkpoint_every is not None and args.resume is None and (args.out / CHECKPOINT).is_file():
         raise UsageError(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume "

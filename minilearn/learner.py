@@ -13,6 +13,7 @@ from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
                        Position, TrainEvalCallback, callback_name, flag)
+from .callbacks.checkpoint import auto_resume
 from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import constant_lr, fine_tune, fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
@@ -21,7 +22,7 @@ from .core import check_positive, listify, lr_range
 from .export import export_learner
 from .freeze import freeze, freeze_to, unfreeze
 from .inference import get_preds, predict, show_results, summary, tta
-from .serialization import ReadCheckpoint, load_for_resume, load_learner_state, save_learner
+from .serialization import ReadCheckpoint, hyper_params, load_for_resume, load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -119,6 +120,7 @@ class Learner:
         self.xb = self.yb = self.idx = self.pred = self.loss = None
         self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
         self.n_epochs, self.position = 0., Position()  # where the current (or last) fit started
+        self.start_hypers: list[dict] | None = None  # the optimizer's hyper-parameters when that fit started
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
         self._preflight_pending = self._stepped = False
@@ -250,7 +252,10 @@ class Learner:
 
         `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s; its path, or `read_checkpoint(path)`) to
         load first and continue from where it was written, inside an epoch included; the run then ends as the
-        uninterrupted one would.
+        uninterrupted one would. `resume='auto'`: the attached CheckpointCallback's newest intact checkpoint
+        (falling back to an earlier one it kept, with a warning, when the newest is corrupt; one written at the
+        end of the run loads and leaves nothing to train), else a fresh start: what a script restarted by
+        `torchrun --max-restarts` or a cluster's requeue passes.
         A fit that fails before its first optimizer step leaves the model, optimizer and step counters as they
         were (what a resume loaded included; the callback states, random generators and loader position it
         loaded stay).
@@ -263,14 +268,18 @@ class Learner:
             for cb in cbs:
                 self.add_cb(cb)
                 added.append(cb)
+            auto = isinstance(resume, str) and resume == 'auto'
+            if auto: resume = auto_resume(self)
             if resume is not None:
-                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
+                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt, finished_ok=auto)
         except Exception:
             self.remove_cbs(added)
             raise
         failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
+            # What schedules put back at after_fit; a resume loaded those of the fit it continues.
+            self.start_hypers = hyper_params(self.opt)
             self.epochs, self.position, self.loss = epochs, position, torch.tensor(0.)
             self._preflight_pending = True
             self('begin_fit')

@@ -3,16 +3,26 @@
 A checkpoint (`learn.save`) is a dict of plain tensors and containers: `model` (state dict), `opt` (optimizer
 state, None with `with_opt=False`) and `opt_class`, `epoch` and `iter` (the position: `iter` batches of epoch
 `epoch` done; at an epoch's end `iter` is 0 and `epoch` the number of completed epochs, which resumes with
-`fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`, `callbacks`
-({name: state} of every callback with a `state_dict`), `loader` (the training loader's position, when it has
-a `state_dict`: the resumable loader protocol), `rng` (torch, CUDA, numpy and python generator states) and
-`trainable` with `frozen_idx` (which parameters train: the freeze state of `learn.freeze_to`).
+`fit(epochs, start_epoch=epoch)` too), `epochs` (of the fit that wrote it), `n_epochs`, `n_iter`,
+`start_hypers` (the optimizer's hyper-parameters when that fit started, which its schedules put back at
+`after_fit`: a resumed fit starts from them too), `callbacks` ({name: state} of every callback with a
+`state_dict`), `loader` (the training loader's position, when it has a `state_dict`: the resumable loader
+protocol), `rng` (torch, CUDA, numpy and python generator states) and `trainable` with `frozen_idx` (which
+parameters train: the freeze state of `learn.freeze_to`).
 `learn.load` restores all of it, the global random generators included, so that the resumed run draws what
 the uninterrupted one would have; `fit(epochs, resume=path)` loads it and continues from its position.
+
+Every checkpoint carries `checksum`, the SHA-256 of its contents (each tensor's dtype, shape and bytes, and every
+other value, in order), checked on every load: the zip container torch writes has no check on tensor data, so a
+flipped bit would otherwise load as other weights. A file kept with `keep=k` has its k - 1 predecessors beside
+it (`name.1.pth` the previous, ...): `latest_checkpoint` falls back to them when the newest is corrupt.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
+import hashlib
 import glob
 import os
 import pickle
@@ -33,17 +43,23 @@ from .callback import Position, has_state
 from .core import is_main_process, unwrap_partial
 from .freeze import set_trainable_state, trainable_state
 
-__all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
-           'ReadCheckpoint', 'read_checkpoint', 'load_for_resume', 'training_position', 'has_position',
-           'get_rng_states', 'set_rng_states']
+__all__ = ['CheckpointError', 'CorruptCheckpointError', 'checkpoint_path', 'atomic_write', 'kept_paths', 'safe_load',
+           'save_learner', 'load_learner_state', 'ReadCheckpoint', 'read_checkpoint', 'latest_checkpoint',
+           'load_for_resume', 'training_position', 'has_position', 'get_rng_states', 'set_rng_states', 'hyper_params',
+           'checksum']
 
 _FORMAT = 'minilearn-checkpoint'
-_VERSION = 1  # `iter`, `epochs` and `loader` were added without a new version: older files lack them (iter 0)
+_VERSION = 2  # 2: `checksum` (required from then on). `iter`, `epochs`, `loader`, `start_hypers` were added to 1
+# without a new version: older files lack them (iter 0)
 _MAX_LISTED = 10
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, is unsafe to read, or does not fit the learner."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is truncated, or whose contents differ from what was written (its checksum)."""
 
 
 # ---- paths and files --------------------------------------------------------------------------------
@@ -55,8 +71,18 @@ def checkpoint_path(learn: Any, path: str | Path) -> Path:
     return Path(learn.path) / learn.model_dir / f'{text}.pth' if is_bare else Path(text)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through `write(f)` so that readers see the old file or the complete new one, never a part."""
+def kept_paths(path: str | Path, keep: int = 1) -> list[Path]:
+    """`path` and the names of the `keep - 1` earlier versions `atomic_write(..., keep=keep)` keeps, newest first."""
+    path = Path(path)
+    return [path] + [path.with_name(f'{path.stem}.{i}{path.suffix}') for i in range(1, keep)]
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep: int = 1) -> Path:
+    """Write a file through `write(f)` so that readers see the old file or the complete new one, never a part;
+    with `keep` > 1 the previous `keep - 1` versions stay beside it (`kept_paths`).
+
+    A write that fails (a full disk, a file-size limit) raises an OSError naming the file and the cause, and
+    leaves no temporary file behind and the previous versions as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -67,12 +93,43 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep > 1 and path.exists(): _keep_previous(kept_paths(path, keep))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = _write_error(e)
+        if cause is None: raise
+        raise OSError(cause.errno, f"could not write {str(path)!r}: {cause.strerror or cause} ({_hint(cause)}); "
+                                   f"the previous file is unchanged and no temporary file is left", str(path)) from e
     _fsync_folder(path.parent)
     return path
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    # torch.save reports a failed write of its zip writer as a RuntimeError; the OSError is its cause or context.
+    while e is not None and not isinstance(e, OSError): e = e.__cause__ or e.__context__
+    return e
+
+
+def _hint(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT): return 'the disk is full: free space or write elsewhere'
+    if e.errno == errno.EFBIG: return 'the file exceeds the file-size limit (ulimit -f) or the file system\'s'
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS): return 'no permission to write there'
+    return errno.errorcode.get(e.errno, 'write failed')
+
+
+def _keep_previous(paths: list[Path]) -> None:
+    # Shift the kept versions one place older; the newest is linked (not moved) to its older name, so the file
+    # under `paths[0]` exists at every moment until the new one replaces it.
+    for newer, older in reversed(list(zip(paths[1:], paths[2:]))):
+        if newer.exists(): os.replace(newer, older)
+    link = paths[1].with_name(f'.{paths[1].name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        os.link(paths[0], link)
+        os.replace(link, paths[1])
+    except OSError:  # no hard links on this file system: move it (a moment without the newest file)
+        link.unlink(missing_ok=True)
+        os.replace(paths[0], paths[1])
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -117,22 +174,61 @@ def safe_load(path: str | Path, map_location: Any = 'cpu') -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(_unpickling_message(path, str(e))) from e
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        found = re.findall(r'\bGLOBAL ([\w.]+)', str(e)) or _pickled_globals(path)
+        if found: raise CheckpointError(_unpickling_message(path, found)) from e
+        raise CorruptCheckpointError(f"cannot read checkpoint {str(path)!r}: the file is corrupt, or not a PyTorch "
+                                     f"checkpoint (the safe loader stopped on invalid data). Save it again, or use "
+                                     f"an earlier checkpoint") from e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, UnicodeDecodeError,
+            OverflowError, MemoryError, AttributeError) as e:
         detail = str(e).split('\n')[0][:200] or type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupted, or not a "
-                              f"PyTorch file ({detail}). Was it completely written and copied? Save it again.") from e
+        raise CorruptCheckpointError(f"cannot read checkpoint {str(path)!r}: the file is corrupt: truncated or "
+                                     f"corrupted, or not a PyTorch file ({detail}). Was it completely written and "
+                                     f"copied? Save it again, or use an earlier checkpoint") from e
 
 
-def _unpickling_message(path: Path, message: str) -> str:
-    found = re.findall(r'\bGLOBAL ([\w.]+)', message) or _pickled_globals(path)
-    if found:
-        return (f"refusing to load {str(path)!r}: it holds pickled Python objects ({', '.join(found[:3])}), and "
-                f"unpickling them could run arbitrary code. minilearn only loads tensors and plain containers "
-                f"(torch.load(weights_only=True)); checkpoints written by learn.save() are always loadable. "
-                f"If you trust the file completely, convert it yourself with torch.load(..., weights_only=False).")
-    return (f"cannot read checkpoint {str(path)!r}: the file is corrupted or not a PyTorch checkpoint "
-            f"(the safe loader stopped on invalid data). Save it again.")
+def _unpickling_message(path: Path, found: list[str]) -> str:
+    return (f"refusing to load {str(path)!r}: it holds pickled Python objects ({', '.join(found[:3])}), and "
+            f"unpickling them could run arbitrary code. minilearn only loads tensors and plain containers "
+            f"(torch.load(weights_only=True)); checkpoints written by learn.save() are always loadable. "
+            f"If you trust the file completely, convert it yourself with torch.load(..., weights_only=False).")
+
+
+# ---- checksum -----------------------------------------------------------------------------------------
+def checksum(state: Any) -> str:
+    """SHA-256 (hex) of a checkpoint's contents: each tensor's dtype, shape and bytes, every other value's type
+    and repr, containers with their keys and lengths, in order."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        digest.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
+        if t.numel(): digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f'D{len(value)};'.encode())
+        for k, v in value.items():
+            _feed(digest, k)
+            _feed(digest, v)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f'{type(value).__name__}{len(value)};'.encode())
+        for v in value: _feed(digest, v)
+    else:
+        text = repr(value)
+        digest.update(f'{type(value).__name__}{len(text)}:{text};'.encode())
+
+
+def _check_checksum(ckpt: dict, path: Path) -> None:
+    expected = ckpt.get('checksum')
+    if expected is None and ckpt.get('version', 0) < 2: return  # written before checksums
+    if not isinstance(expected, str) or checksum({k: v for k, v in ckpt.items() if k != 'checksum'}) != expected:
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents differ from the SHA-256 "
+                                     f"checksum written with it (a flipped bit on the disk, in memory or in a copy); "
+                                     f"nothing was loaded. Use an earlier checkpoint (CheckpointCallback(keep=2) "
+                                     f"keeps one), or save again")
 
 
 def _pickled_globals(path: Path) -> list[str]:
@@ -182,6 +278,25 @@ def _rng_setters(states: dict) -> list[Callable[[], None]]:
 def set_rng_states(states: dict) -> None:
     """Restore the generators saved by `get_rng_states` (CUDA only where available)."""
     for setter in _rng_setters(states): setter()
+
+
+# ---- optimizer hyper-parameters ------------------------------------------------------------------------
+def hyper_params(opt: Any) -> list[dict] | None:
+    """Every param group's hyper-parameters (all its entries but `params`), copied; None without an optimizer."""
+    if opt is None: return None
+    return [{k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in g.items()
+             if k != 'params'} for g in opt.param_groups]
+
+
+def _with_start_hypers(opt_state: dict, start: Any, path: Path) -> dict:
+    # A resumed fit starts from the hyper-parameters the interrupted fit started with (its schedules set the
+    # current ones before the next step), so that after_fit puts back what the uninterrupted fit puts back.
+    groups = opt_state.get('param_groups', [])
+    if not isinstance(start, list) or len(start) != len(groups) or not all(isinstance(h, dict) for h in start):
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed start hyper-parameters ({len(groups)} param "
+                              f"groups in the optimizer state)")
+    return {**opt_state, 'param_groups': [{**g, **{k: v for k, v in h.items() if k in g}}
+                                          for g, h in zip(groups, start)]}
 
 
 # ---- save ---------------------------------------------------------------------------------------------
@@ -234,10 +349,12 @@ def _callback_states(learn: Any) -> dict:
     return {name: cb.state_dict() for name, cb in _stateful_callbacks(learn).items()}
 
 
-def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: list[dict] | None = None) -> Path:
+def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: list[dict] | None = None,
+                 keep: int = 1) -> Path:
     """Write model, optimizer, position, callback, loader and RNG states atomically (rank 0 only); returns the path.
 
-    `ranks` (from `rank_states`) adds every rank's own RNG and callback states.
+    `ranks` (from `rank_states`) adds every rank's own RNG and callback states; `keep` > 1 keeps the previous
+    `keep - 1` checkpoints beside it (`kept_paths`).
     """
     path = checkpoint_path(learn, path)
     if not is_main_process(): return path
@@ -250,11 +367,13 @@ def save_learner(learn: Any, path: str | Path, with_opt: bool = True, ranks: lis
              'opt_class': None if opt is None else type(opt).__name__,
              'epoch': epoch, 'iter': it, 'epochs': int(learn.epochs),
              'n_epochs': float(learn.n_epochs), 'n_iter': int(learn.n_iter),
+             'start_hypers': None if opt is None else getattr(learn, 'start_hypers', None),
              'callbacks': _callback_states(learn),
              'loader': dl.state_dict() if has_position(dl) else None,
              'rng': get_rng_states(), 'ranks': ranks,
              'trainable': trainable_state(_bare_model(learn.model)), 'frozen_idx': int(getattr(learn, 'frozen_idx', 0))}
-    return atomic_write(path, lambda f: torch.save(state, f))
+    state['checksum'] = checksum(state)
+    return atomic_write(path, lambda f: torch.save(state, f), keep=keep)
 
 
 # ---- load ---------------------------------------------------------------------------------------------
@@ -300,9 +419,11 @@ def _check_format(ckpt: Any, path: Path) -> None:
     if not isinstance(ckpt, dict) or ckpt.get('format') != _FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a minilearn checkpoint written by learn.save() (for a bare "
                               f"state_dict use learn.model.load_state_dict(torch.load(path, weights_only=True)))")
-    if ckpt.get('version', 0) > _VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}, newer than this "
+    version = ckpt.get('version', 0)
+    if not isinstance(version, int) or version > _VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}, newer than this "
                               f"minilearn reads ({_VERSION}); upgrade minilearn")
+    _check_checksum(ckpt, path)
 
 
 def _optimizer_to_load(learn: Any, ckpt: dict, with_opt: bool, path: Path) -> dict | None:
@@ -364,13 +485,14 @@ def _check_loader_state(dl: Any, state: dict) -> None:
     dl.load_state_dict(previous)
 
 
-def _check_resume_args(ckpt: dict, path: Path, epochs: int, start_epoch: int, reset_opt: bool) -> tuple[int, int]:
+def _check_resume_args(ckpt: dict, path: Path, epochs: int, start_epoch: int, reset_opt: bool,
+                       finished_ok: bool = False) -> tuple[int, int]:
     if start_epoch:
         raise ValueError(f"fit(resume=...) continues from the checkpoint's own position; leave start_epoch out "
                          f"(got start_epoch={start_epoch})")
     if reset_opt: raise ValueError("fit(resume=...) restores the optimizer from the checkpoint; leave reset_opt out")
     epoch, it = int(ckpt.get('epoch', 0)), int(ckpt.get('iter', 0))
-    if epoch >= epochs:
+    if epoch >= epochs and not (finished_ok and (epoch, it) == (epochs, 0)):
         raise ValueError(f"checkpoint {str(path)!r} was written after {epoch} completed epochs: fit({epochs}) has "
                          f"nothing left to train; give the total number of epochs of the run (more than {epoch})")
     written_for = ckpt.get('epochs')
@@ -395,12 +517,33 @@ def read_checkpoint(path: str | Path) -> ReadCheckpoint:
     return ReadCheckpoint(path, state)
 
 
+def latest_checkpoint(path: str | Path, keep: int = 1) -> ReadCheckpoint | None:
+    """The newest of `kept_paths(path, keep)` that reads and is intact; None when none exists. A corrupt one is
+    passed over with a warning naming it; CorruptCheckpointError when every one there is corrupt."""
+    corrupt = []
+    for candidate in kept_paths(path, keep):
+        if not candidate.is_file(): continue
+        try:
+            found = read_checkpoint(candidate)
+        except CorruptCheckpointError as e:
+            corrupt.append(e)
+            continue
+        if corrupt:
+            warnings.warn(f"{corrupt[0]}; resuming from the previous checkpoint {str(candidate)!r} instead",
+                          stacklevel=2)
+        return found
+    if corrupt:
+        raise CorruptCheckpointError(f"no intact checkpoint to resume from: " + '; '.join(map(str, corrupt)))
+    return None
+
+
 def load_for_resume(learn: Any, resume: str | Path | ReadCheckpoint, epochs: int, start_epoch: int = 0,
-                    reset_opt: bool = False) -> Position:
+                    reset_opt: bool = False, finished_ok: bool = False) -> Position:
     """Load a checkpoint (a path, or one already read) for `learn.fit(epochs, resume=...)`; returns the `Position`
-    the fit starts at: the checkpoint's epoch and batches done of it, where the training loader it loaded stands."""
+    the fit starts at: the checkpoint's epoch and batches done of it, where the training loader it loaded stands.
+    With `finished_ok`, a checkpoint written at the end of the last epoch is loaded too (nothing is left to run)."""
     path, ckpt = resume if isinstance(resume, ReadCheckpoint) else read_checkpoint(checkpoint_path(learn, resume))
-    epoch, it = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
+    epoch, it = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt, finished_ok)
     _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True, resume=True)
     return Position(epoch, it)
 
@@ -436,6 +579,8 @@ def _load_checkpoint(learn: Any, ckpt: dict, path: Path, with_opt: bool, strict:
     _check_model_state(model, ckpt['model'], strict, path)
     trainable = _trainable_to_load(model, ckpt, path, strict)
     opt_state = _optimizer_to_load(learn, ckpt, with_opt, path)
+    if resume and opt_state is not None and ckpt.get('start_hypers') is not None:
+        opt_state = _with_start_hypers(opt_state, ckpt['start_hypers'], path)
     rng_setters = _rng_to_restore(ckpt, path)
     loader_state = _loader_to_load(learn, ckpt, path, resume)
     stateful = _stateful_callbacks(learn)

@@ -45,8 +45,8 @@ from .learner import Learner
 from .losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBootstrappingLoss
 from .models import conv_layer, get_cnn_model, init_cnn, resnet18_cifar
 from .noisy import add_label_noise
-from .serialization import CheckpointError, ReadCheckpoint, atomic_write, read_checkpoint
-from .train_spec import (CHECKPOINT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS, UsageError, data_format, one_line,
+from .serialization import CheckpointError, ReadCheckpoint, atomic_write, kept_paths, latest_checkpoint
+from .train_spec import (CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS, UsageError, data_format, one_line,
                          options_record, valid_folder)
 
 __all__ = ['run_train', 'train', 'build_learner', 'write_status', 'STATUSES', 'METRICS_FILE']
@@ -135,13 +135,14 @@ def _device(name: str) -> torch.device:
 
 # ---- resume: the checkpoint is read once, here, and handed to fit -------------------------------------------
 def _resume_checkpoint(args: argparse.Namespace) -> ReadCheckpoint | None:
-    """With --resume DIR: DIR's checkpoint, read once (before the data is built, so a finished run is refused
-    at once); otherwise None."""
+    """With --resume DIR: DIR's newest intact checkpoint, read once (before the data is built, so a finished run
+    is refused at once); otherwise None."""
     if args.resume is None: return None
     try:
-        checkpoint = read_checkpoint(args.resume / CHECKPOINT)
+        checkpoint = latest_checkpoint(args.resume / CHECKPOINT, CHECKPOINTS_KEPT)
     except CheckpointError as e:
         raise UsageError(f"--resume {args.resume}: {e}") from None
+    if checkpoint is None: raise UsageError(f"--resume {args.resume}: no {CHECKPOINT} there")
     done = checkpoint.state.get('epoch', 0)
     if done >= args.epochs:
         raise UsageError(f"--resume {args.resume}: that run is complete ({done} epochs); its outputs are in "
@@ -213,7 +214,8 @@ def _build_callbacks(args: argparse.Namespace, data: DataBunch, device: torch.de
     if not args.quiet: cbs.append(ProgressCallback())
     if args.mixup is not None: cbs.append(MixUp(args.mixup, per_sample=not args.mixup_batch))
     if args.checkpoint_every is not None:
-        cbs.append(CheckpointCallback(args.out / CHECKPOINT, every_n_batches=args.checkpoint_every))
+        cbs.append(CheckpointCallback(args.out / CHECKPOINT, every_n_batches=args.checkpoint_every,
+                                      keep=CHECKPOINTS_KEPT))
     return cbs
 
 
@@ -241,7 +243,8 @@ def _fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resum
         write_status(args.out, status, report, error=e if status == 'failed' else None)
         raise
     if args.checkpoint_every is not None:  # the run is complete: nothing left to resume
-        for name in (CHECKPOINT, RUN_OPTIONS): (args.out / name).unlink(missing_ok=True)
+        for path in (*kept_paths(args.out / CHECKPOINT, CHECKPOINTS_KEPT), args.out / RUN_OPTIONS):
+            path.unlink(missing_ok=True)
     report['files']['metrics'] = report['files'].pop('metrics')  # listed last, as it is written last
     return write_status(args.out, 'complete', report)
 

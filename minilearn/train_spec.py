@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ['UsageError', 'one_line', 'options_record', 'data_format', 'valid_folder', 'CHECKPOINT', 'RUN_OPTIONS',
+__all__ = ['UsageError', 'one_line', 'options_record', 'data_format', 'valid_folder', 'CHECKPOINT', 'CHECKPOINTS_KEPT', 'RUN_OPTIONS',
            'DEFAULT_N_PER_CLASS', 'CNN_WIDTHS']
 
 DEFAULT_N_PER_CLASS = 1000  # generated shapes per class when --n-per-class is not given
 CNN_WIDTHS = (16, 32, 64, 64)  # conv widths of --arch cnn
 CHECKPOINT = 'checkpoint.pth'  # in --out, with --checkpoint-every
+CHECKPOINTS_KEPT = 2  # the newest checkpoint and the one before (checkpoint.1.pth), should the newest be corrupt
 RUN_OPTIONS = 'run.json'  # the options of a checkpointed run, for --resume
 
 

@@ -11,7 +11,7 @@ from minilearn.callback import Position
 from minilearn.callbacks.checkpoint import CheckpointCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
 from minilearn.learner import Callback, Learner
-from minilearn.serialization import CheckpointError, safe_load
+from minilearn.serialization import CheckpointError, checksum, safe_load
 
 N_TRAIN, BS = 80, 16  # 5 training batches per epoch, 2 validation batches
 CRASH_AT = (1, 3)  # inside batch 3 of epoch 1: the last checkpoint (every 2 batches, n_iter 8) is after batch 2
@@ -100,6 +100,7 @@ def test_the_position_is_read_only():
 def test_a_mid_epoch_checkpoint_whose_loader_is_elsewhere_is_refused(crashed, tmp_path, loader, message):
     ckpt = safe_load(crashed)
     ckpt['loader'] = None if loader is None else {**ckpt['loader'], 'batches_done': loader}
+    ckpt['checksum'] = checksum({k: v for k, v in ckpt.items() if k != 'checksum'})  # an edit, not a corruption
     bad = tmp_path / 'bad.pth'
     torch.save(ckpt, bad)
     learn = learner(tmp_path / 'other')

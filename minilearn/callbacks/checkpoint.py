@@ -16,12 +16,13 @@ import torch.distributed as dist
 
 from ..callback import Callback, CancelTrainException, Order
 from ..core import is_interactive, model_device
-from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
+from ..serialization import (ReadCheckpoint, checkpoint_path, has_position, latest_checkpoint, rank_states,
+                             save_learner, training_position)
 from .metrics import AvgStatsCallback
 from .precision import GradientAccumulation
 
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'CheckpointCallback', 'TrainingInterrupted',
-           'EarlyStoppingCallback', 'TerminateOnNaNCallback']
+           'EarlyStoppingCallback', 'TerminateOnNaNCallback', 'auto_resume']
 
 
 class TrackerCallback(Callback):
@@ -249,7 +250,10 @@ def _distributed() -> bool:
 class CheckpointCallback(Callback):
     """Keep one checkpoint to resume a run from exactly: every `every_n_batches` training batches (inside the
     epoch) and at the end of every epoch, written atomically to `fname` (a bare name means
-    `<learn.path>/<learn.model_dir>/<fname>.pth`). Continue with `learn.fit(epochs, resume=path)`.
+    `<learn.path>/<learn.model_dir>/<fname>.pth`). Continue with `learn.fit(epochs, resume=path)`, or
+    `resume='auto'`: from its newest intact checkpoint when there is one, else from scratch (the same script then
+    serves the first start and every restart). `keep=k` keeps the k - 1 previous checkpoints too (`<fname>.1.pth`
+    the previous...), so that a corrupt newest one is not the end: `resume='auto'` falls back to them.
 
     While fitting, on one of `signals` (a signal or a list; default: SIGTERM, and SIGINT when no one is at a
     terminal or notebook) it finishes the current training batch, writes the checkpoint, lets `after_fit`
@@ -265,12 +269,15 @@ class CheckpointCallback(Callback):
     run_during_lr_find = False
 
     def __init__(self, fname: str | Path = 'checkpoint', every_n_batches: int | None = None, every_epoch: bool = True,
-                 signals: int | Sequence[int] | None | str = 'default'):
+                 signals: int | Sequence[int] | None | str = 'default', keep: int = 1):
         if every_n_batches is not None and (isinstance(every_n_batches, bool) or not isinstance(every_n_batches, int)
                                             or every_n_batches < 1):
             raise ValueError(f"every_n_batches must be a positive int (training batches between checkpoints) or None, "
                              f"got {every_n_batches!r}")
-        self.fname, self.every_n_batches, self.every_epoch = fname, every_n_batches, every_epoch
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int (checkpoints kept, the newest and its predecessors), "
+                             f"got {keep!r}")
+        self.fname, self.every_n_batches, self.every_epoch, self.keep = fname, every_n_batches, every_epoch, keep
         self.signals = _signal_list(signals)
         self.path: Path | None = None
         self.written: Path | None = None  # the last checkpoint this callback completed
@@ -333,7 +340,12 @@ class CheckpointCallback(Callback):
 
     # ---- checkpoint and stop ------------------------------------------------------------------------
     def _save(self) -> None:
-        self.written = save_learner(self.run, self.path, ranks=rank_states(self.run))
+        self.written = save_learner(self.run, self.path, ranks=rank_states(self.run), keep=self.keep)
+
+    def latest(self) -> ReadCheckpoint | None:
+        """The newest intact checkpoint this callback kept (a corrupt newer one is passed over with a warning),
+        read; None when there is none."""
+        return latest_checkpoint(checkpoint_path(self.run, self.fname), self.keep)
 
     def _stop(self, signum: int) -> None:
         epoch, it = training_position(self.run)
@@ -371,3 +383,13 @@ class CheckpointCallback(Callback):
                                   f"last complete checkpoint is {self.written}" if self.written else
                                   f"training aborted at once by a second signal ({signal.Signals(signum).name}); no "
                                   f"checkpoint was written in this fit", signum, self.written)
+
+
+def auto_resume(learn: Any) -> ReadCheckpoint | None:
+    """What `fit(resume='auto')` resumes from: the attached CheckpointCallback's newest intact checkpoint, or None."""
+    cb = learn.find_cb(CheckpointCallback)
+    if cb is None:
+        raise ValueError("fit(resume='auto') resumes from the checkpoints of the attached CheckpointCallback, and this "
+                         "learner has none: attach one (cbs=[CheckpointCallback('ckpt', every_n_batches=...)]), or "
+                         "give resume= a checkpoint path")
+    return cb.latest()

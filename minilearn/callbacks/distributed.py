@@ -111,7 +111,17 @@ def _init_process_group(backend: str | None, device: torch.device) -> bool:
     """Initialise the default process group from torchrun's environment if needed; True if this call did."""
     if dist.is_initialized(): return False
     if device.type == 'cuda': torch.cuda.set_device(device)
-    dist.init_process_group(backend or ('nccl' if device.type == 'cuda' else 'gloo'), init_method='env://')
+    backend = backend or ('nccl' if device.type == 'cuda' else 'gloo')
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is None:
+        dist.init_process_group(backend, init_method='env://')
+        return True
+    # torchrun's agent serves one store for every restart of the group, which still holds the addresses the
+    # processes of the attempt before published: a restarted rank would connect to them (gloo's "connectFullMesh
+    # failed ... Connection refused", or a hang). Each attempt's group keeps its keys apart.
+    store, rank, world_size = next(dist.rendezvous('env://'))
+    dist.init_process_group(backend, store=dist.PrefixStore(f'minilearn/attempt_{attempt}', store), rank=rank,
+                            world_size=world_size)
     return True
 
 
