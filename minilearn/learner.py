@@ -445,7 +445,7 @@ class Learner:
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
                   pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
         """fastai's fine-tuning: the head alone (`freeze`) for `freeze_epochs`, then everything with
-        discriminative learning rates for `epochs` (one-cycle both times)."""
+        discriminative learning rates for `epochs` (one-cycle both times); `resume=` continues either phase."""
         fine_tune(self, epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start,
                   div=div, **kwargs)
 

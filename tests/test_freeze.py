@@ -194,3 +194,37 @@ def test_fine_tuned_vision_learner_lr_find_resume_and_export(tmp_path):
     mean, std = learn.norm_stats()
     with torch.no_grad(): expected = torch.softmax(learn.model((xb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)), 1)
     assert torch.allclose(predictor.predict_batch(xb), expected, atol=1e-5)
+
+
+class CrashInFit(Callback):
+    """Dies at training batch `at` = (epoch, iter) of the learner's `fit`-th fit (fine_tune: 1 frozen, 2 unfrozen)."""
+
+    def __init__(self, fit, at):
+        self.fit, self.at, self.fits = fit, at, 0
+
+    def begin_fit(self):
+        self.fits += 1
+
+    def after_pred(self):
+        if self.fits == self.fit and self.run.in_train and (self.run.epoch, self.run.iter) == self.at:
+            raise RuntimeError('node lost')
+
+
+@pytest.mark.parametrize('phase, at', [(1, (0, 3)), (2, (1, 2))])
+def test_fine_tune_resume_auto_continues_either_phase_bit_for_bit(tmp_path, phase, at):
+    def build(folder, *cbs):
+        learn = learner(path=tmp_path / folder, cbs=[AvgStatsCallback(accuracy),
+                                                      CheckpointCallback('ckpt', every_n_batches=2), *cbs])
+        return learn
+
+    whole = build('whole')
+    whole.fine_tune(2, freeze_epochs=1)
+    crashed = build('crashed', CrashInFit(phase, at))
+    with pytest.raises(RuntimeError, match='node lost'):
+        crashed.fine_tune(2, freeze_epochs=1, resume='auto')  # nothing there yet: starts from scratch
+    restarted = build('crashed')  # a fresh process: the same learner built again
+    restarted.fine_tune(2, freeze_epochs=1, resume='auto')
+    assert same_weights(weights(restarted.model), weights(whole.model))
+    assert [p.requires_grad for p in restarted.model.parameters()] == [p.requires_grad for p in whole.model.parameters()]
+    def rows(learn): return [{k: v for k, v in row.items() if k != 'time'} for row in learn.avg_stats.history]
+    assert rows(restarted) == (rows(whole) if phase == 1 else rows(whole)[1:])  # a resumed unfrozen phase: its own

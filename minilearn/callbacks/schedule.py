@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from ..core import check_positive, listify, lr_range
-from ..serialization import get_rng_states, has_position, set_rng_states
+from ..serialization import checkpoint_path, get_rng_states, has_position, read_checkpoint, set_rng_states
 from ..callback import Callback, CancelTrainException, Order, flag
+from .checkpoint import auto_resume
 from .metrics import AvgStatsCallback
 from .recorder import Recorder, suggest_lr
 
@@ -242,8 +243,14 @@ def fine_tune(learn: Any, epochs: int, base_lr: float = 2e-3, freeze_epochs: int
     then everything (`unfreeze`) for `epochs` with half of it, the groups spread from base_lr/2/lr_mult up.
 
     `kwargs` go to both `fit_one_cycle` calls. The per-epoch history (`learn.avg_stats.history`) keeps both
-    phases' rows: the frozen epochs first.
+    phases' rows: the frozen epochs first. `resume` (a checkpoint, or 'auto': the attached CheckpointCallback's
+    newest) continues the phase that wrote it: the frozen one (then the unfrozen one from its start), or the
+    unfrozen one, whose history then holds its own rows only.
     """
+    resume = kwargs.pop('resume', None)
+    auto = isinstance(resume, str) and resume == 'auto'
+    found = auto_resume(learn) if auto else None if resume is None else read_checkpoint(checkpoint_path(learn, resume))
+    unfrozen_phase = found is not None and not found.state.get('frozen_idx', 0)  # the second phase wrote it
     for arg, value in (('epochs', epochs), ('freeze_epochs', freeze_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"fine_tune: {arg} must be an int >= 0, got {value!r}")
@@ -252,14 +259,16 @@ def fine_tune(learn: Any, epochs: int, base_lr: float = 2e-3, freeze_epochs: int
     learn.freeze()
     stats = learn.find_cb(AvgStatsCallback)
     frozen_rows: list = []
-    if freeze_epochs:
-        learn.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+    if freeze_epochs and not unfrozen_phase:
+        learn.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99,
+                            resume=None if found is None else resume, **kwargs)
         frozen_rows = list(stats.history) if stats is not None else []
     base_lr /= 2
     learn.unfreeze()
     if not epochs: return
     try:
-        learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
+        learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div,
+                            resume=resume if unfrozen_phase else None, **kwargs)
     finally:
         if stats is not None: stats.prepend_history(frozen_rows)
 
