@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .train_spec import (CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS,
+from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS,
                          UsageError, data_format, one_line, options_record)
 
 __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
@@ -31,7 +31,7 @@ DEFAULT_LR = 0.1
 DEFAULT_BS = 64
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
 RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet', 'resume_if_exists')  # options that do not change what is computed
-ARCHS = ('cnn', 'resnet18')
+_ARCH_NAME = re.compile(r'(timm/[\w.\-]+|(torchvision/)?[a-z][a-z0-9_]*)')
 SCHEDULES = ('one-cycle', 'constant')
 
 
@@ -71,6 +71,12 @@ def _positive_number(text: str) -> float:
     value = _number(text)
     if value <= 0: raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def _arch(text: str) -> str:
+    if not _ARCH_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cnn, resnet18, a torchvision model name or timm/NAME")
+    return text
 
 
 def _ratio(text: str) -> float:
@@ -116,10 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--workers', metavar='N', type=_non_negative_int, default=0,
                       help='processes that decode --data images, once before training (default 0: in the main process)')
     model = train_parser.add_argument_group('model and training')
-    model.add_argument('--arch', choices=ARCHS, default='cnn',
+    model.add_argument('--arch', metavar='ARCH', type=_arch, default='cnn',
                        help=f'cnn: a small course CNN (get_cnn_model, conv widths {list(CNN_WIDTHS)}, 62 k '
-                            f'parameters); '
-                            f'resnet18: ResNet-18 for 32x32 inputs (slow on a CPU) (default cnn)')
+                            f'parameters); resnet18: ResNet-18 for 32x32 inputs (slow on a CPU); a torchvision '
+                            f'model name (resnet34, mobilenet_v3_small, torchvision/resnet18, ...) or timm/NAME '
+                            f"(pip install 'minilearn[timm]'): vision_learner's body and head (default cnn)")
+    model.add_argument('--pretrained', metavar='PATH', nargs='?', const=True, default=False, type=Path,
+                       help="start a torchvision or timm --arch from its pretrained weights (downloaded or cached), "
+                            "or from a state dict file PATH; the whole network trains unless --fine-tune")
+    model.add_argument('--fine-tune', metavar='FREEZE_EPOCHS', type=_non_negative_int, default=None,
+                       help="fastai's fine_tune: FREEZE_EPOCHS one-cycle epochs of the head alone, then --epochs of "
+                            "the whole network with discriminative learning rates (base lr: --lr)")
     model.add_argument('--epochs', metavar='N', type=_positive_int, default=DEFAULT_EPOCHS,
                        help=f'number of epochs (default {DEFAULT_EPOCHS})')
     model.add_argument('--bs', metavar='N', type=_positive_int, default=DEFAULT_BS,
@@ -198,6 +211,17 @@ def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
         if not args.data.exists(): raise UsageError(f"--data {args.data}: no such folder")
         if not args.data.is_dir(): raise UsageError(f"--data {args.data}: not a folder")
         data_format(args.data)
+    pretrained_kind = args.arch not in ARCHS
+    if args.pretrained is not False and not pretrained_kind:
+        raise UsageError(f"--pretrained needs a torchvision or timm/ --arch (--arch {args.arch} has no pretrained "
+                         f"weights)")
+    if args.fine_tune is not None and not pretrained_kind:
+        raise UsageError(f"--fine-tune needs a torchvision or timm/ --arch, whose body and head it trains apart "
+                         f"(--arch {args.arch} has no such split)")
+    if args.fine_tune is not None and args.schedule != 'one-cycle':
+        raise UsageError("--fine-tune is fastai's one-cycle recipe: drop --schedule constant")
+    if isinstance(args.pretrained, Path) and not args.pretrained.is_file():
+        raise UsageError(f"--pretrained {args.pretrained}: no such file (a state dict saved with torch.save)")
     if args.noise_kind != 'symmetric' and not args.noise:
         raise UsageError(f"--noise-kind {args.noise_kind} needs --noise RATIO (the fraction of labels to make wrong)")
     if args.noise_kind == 'asymmetric' and (args.data is None or data_format(args.data) not in ('mnist', 'cifar10')):

@@ -46,8 +46,9 @@ from .losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBoots
 from .models import conv_layer, get_cnn_model, init_cnn, resnet18_cifar
 from .noisy import add_label_noise
 from .serialization import CheckpointError, ReadCheckpoint, atomic_write, kept_paths, latest_checkpoint
-from .train_spec import (CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS, UsageError, data_format, one_line,
-                         options_record, valid_folder)
+from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS,
+                         UsageError, data_format, one_line, options_record, valid_folder)
+from .vision import PretrainedWeightsError, vision_learner
 
 __all__ = ['run_train', 'train', 'build_learner', 'write_status', 'STATUSES', 'METRICS_FILE']
 
@@ -65,7 +66,8 @@ def run_train(args: argparse.Namespace, prog: str) -> int:
             try:
                 resume = _resume_checkpoint(args)
                 learn, report = build_learner(args)
-            except (ValueError, TypeError, OSError, KeyError) as e:  # setup problems are the user's to fix: one line
+            except (ValueError, TypeError, OSError, KeyError, PretrainedWeightsError, CheckpointError) as e:
+                # setup problems are the user's to fix: one line
                 print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
                 return 2
             report = _fit_and_write(args, learn, report, resume)
@@ -96,10 +98,17 @@ def build_learner(args: argparse.Namespace) -> tuple[Learner, dict]:
     generator = torch.Generator().manual_seed(args.seed)
     data, data_info = _build_data(args)
     noise = _add_noise(args, data, generator)
-    model = _build_model(args, data)
     opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)
-    learn = Learner(model, data, _build_loss(args), opt_func=opt_func, lr=args.lr,
-                    cbs=_build_callbacks(args, data, device))
+    if args.arch in ARCHS:
+        model = _build_model(args, data)
+        learn = Learner(model, data, _build_loss(args), opt_func=opt_func, lr=args.lr,
+                        cbs=_build_callbacks(args, data, device))
+    else:  # a torchvision or timm body with fastai's head; the data's own normalization stays
+        arch = args.arch.removeprefix('torchvision/')
+        learn = vision_learner(data, arch, pretrained=args.pretrained, loss_func=_build_loss(args),
+                               opt_func=opt_func, lr=args.lr, cbs=_build_callbacks(args, data, device))
+        if args.fine_tune is None: learn.unfreeze()  # --pretrained alone: the whole network trains
+        model = learn.model
     if args.quiet: learn.logger = do_nothing
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint_every is not None and args.resume is None: _write_run_options(args)
@@ -225,7 +234,9 @@ def _fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resum
     write_status(args.out, 'running', report)  # from now on the folder says whose files it holds
     start = time.time()
     try:
-        if args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs, resume=resume)
+        if args.fine_tune is not None:
+            learn.fine_tune(args.epochs, base_lr=args.lr, freeze_epochs=args.fine_tune, resume=resume)
+        elif args.schedule == 'one-cycle': learn.fit_one_cycle(args.epochs, resume=resume)
         else: learn.fit(args.epochs, resume=resume)
         if resume is not None:
             report['resumed_from'] = {'epoch': learn.position.epoch, 'batch': learn.position.batches_done}

@@ -24,6 +24,7 @@ class UsageError(ValueError):
     """A problem with the command line or the folders it names (shown as one line, exit code 2)."""
 
 
+ARCHS = ('cnn', 'resnet18')  # the library's own nets (from scratch); any other --arch goes to vision_learner
 # noisy.NOISE_KINDS, here without torch for the CLI's --noise-kind choices (a test keeps the two equal)
 NOISE_KINDS = ('symmetric', 'pair', 'asymmetric')
 

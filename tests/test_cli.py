@@ -19,7 +19,8 @@ from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
 from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to_byte_tensor
 
 TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
-OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--noise-kind', '--workers', '--arch', '--epochs', '--bs', '--lr',
+OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--noise-kind', '--workers', '--arch', '--pretrained',
+           '--fine-tune', '--epochs', '--bs', '--lr',
            '--schedule', '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
            '--quiet', '--threads']
 
@@ -240,10 +241,14 @@ def _bad_folder(tmp_path):
     (['--noise-kind', 'pair'], '--noise-kind pair needs --noise RATIO'),
     (['--noise', '0.4', '--noise-kind', 'asymmetric'], 'known for MNIST and CIFAR-10 --data folders only'),
     (['--noise', '0.4', '--noise-kind', 'flip'], 'argument --noise-kind: invalid choice'),
+    (['--arch', 'Res Net'], "argument --arch: 'Res Net': expected cnn, resnet18, a torchvision model name"),
+    (['--pretrained'], '--pretrained needs a torchvision or timm/ --arch'),
+    (['--fine-tune', '1'], '--fine-tune needs a torchvision or timm/ --arch'),
+    (['--arch', 'resnet34', '--fine-tune', '1', '--schedule', 'constant'], '--fine-tune is fastai'),
+    (['--arch', 'resnet34', '--pretrained', '{tmp}/missing.pth'], 'no such file'),
     (['--label-smoothing', '1'], 'argument --label-smoothing'),
     (['--mixup', '0'], 'argument --mixup'),
     (['--loss', 'mse'], 'argument --loss: invalid choice'),
-    (['--arch', 'vgg'], 'argument --arch: invalid choice'),
     (['--bogus', '3'], 'unrecognized arguments: --bogus 3'),
     (['--mixup-batch'], '--mixup-batch needs --mixup'),
     (['--label-smoothing', '0.1', '--loss', 'hard-boot'], '--label-smoothing goes with --loss ls'),
@@ -433,3 +438,28 @@ def test_resume_reads_run_json_and_the_checkpoint_once(tmp_path, capsys, monkeyp
     assert metrics['status'] == 'complete' and metrics['resumed_from'] == {'epoch': 1, 'batch': 0}
     assert metrics['args']['resume'] == str(out) and metrics['args']['epochs'] == 2
     assert not (out / 'checkpoint.pth').exists() and not (out / 'run.json').exists()
+
+
+def test_torchvision_arch_from_local_weights_with_fine_tune(tmp_path):
+    import torchvision
+    weights = tmp_path / 'weights.pth'
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    out = tmp_path / 'out'
+    assert main(['train', *TINY, '--epochs', '2', '--arch', 'torchvision/resnet18', '--pretrained', str(weights),
+                 '--fine-tune', '1', '--lr', '0.01', '--quiet', '--out', str(out)]) == 0
+    metrics = _metrics(out)
+    assert len(metrics['history']) == 3  # fine_tune: 1 frozen epoch, then 2 of the whole network
+    learn, _ = build_learner(_args(*TINY, '--arch', 'torchvision/resnet18', '--pretrained', str(weights),
+                                   '--out', str(tmp_path / 'other')))
+    body = learn.model[0]
+    assert torch.equal(body[0].weight, torch.load(weights)['conv1.weight'])  # the body starts from the file
+    assert all(p.requires_grad for p in learn.model.parameters())  # --pretrained alone: everything trains
+    assert len(learn.opt.param_groups) >= 2  # body then head
+
+
+def test_pretrained_offline_is_one_line_naming_the_ways_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch-home'))  # no cached weights
+    code = main(['train', *TINY, '--arch', 'resnet34', '--pretrained', '--out', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and 'pretrained=False' in err[0] and 'Traceback' not in err[0]
