@@ -16,7 +16,7 @@ from .callbacks.distributed import distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
-from .core import check_positive, listify
+from .core import TablePrinter, check_positive, listify
 from .export import export_learner
 from .inference import get_preds, predict, show_results, summary, tta
 from .serialization import load_for_resume, load_learner_state, save_learner
@@ -107,7 +107,7 @@ class Learner:
         self.model, self.data, self.loss_func, self.opt_func = model, data, loss_func, opt_func
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
-        self.opt, self.logger, self.grad_scaler = None, print, None
+        self.opt, self.logger, self.grad_scaler = None, TablePrinter(), None
         self.in_train, self.dl = False, None
         self.xb = self.yb = self.pred = self.loss = None
         self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
