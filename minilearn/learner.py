@@ -412,15 +412,19 @@ class Learner:
         """Test-time augmentation: blend plain predictions with the mean of `n` augmented passes."""
         return tta(self, dl=dl, n=n, beta=beta, tfm=tfm)
 
-    def show_results(self, n: int = 9):
+    def show_results(self, n: int = 9, figsize: tuple | None = None):
         """A grid of validation images with predicted vs actual labels; returns the figure."""
-        return show_results(self, n=n)
+        return show_results(self, n=n, figsize=figsize)
+
+    def show_batch(self, n: int = 9, valid: bool = False, **kwargs: Any):
+        """A grid of `n` images of one training (or validation) batch, with their class names; returns the figure."""
+        return self.data.show_batch(n=n, valid=valid, **kwargs)
 
     def summary(self) -> str:
         """Per-layer output shapes and parameter counts, optimizer, loss and callbacks."""
         return summary(self)
 
-    def export(self, path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
+    def export(self, path: str | Path = 'export.pt2', arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
         """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings); see `export_learner`."""
         return export_learner(self, path, arch=arch, arch_kwargs=arch_kwargs)
 
