@@ -51,7 +51,9 @@ Detection (no extra training in the short regime): against the known changed lab
 recall / F1 of (a) in-sample loss ranking (the CE row's model on its own training items, top n with n
 the true count), (b) out-of-fold loss ranking (the clean-retrain folds, top n), (c) confident learning
 on the out-of-fold probabilities (its own count), (d) confident learning on the in-sample
-probabilities. Regimes: "short" (the recipe's epochs, augmentation on) and "memorise" (CE and the folds
+probabilities, (e) area under the margin (AreaUnderMargin on the CE row's own training run, lowest first),
+top n with n the true count, and (f) the same ranking cut at the count confident learning estimates on the
+in-sample probabilities (one run, no folds). Regimes: "short" (the recipe's epochs, augmentation on) and "memorise" (CE and the folds
 trained --memorise-epochs without augmentation, lr annealed to 0, until CE fits most noisy labels).
 """
 from __future__ import annotations
@@ -81,6 +83,7 @@ from minilearn.callback import Callback, Order  # noqa: E402
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip  # noqa: E402
 from minilearn.callbacks.device import ChannelsLast, DeviceCallback, default_device  # noqa: E402
 from minilearn.callbacks.mixup import CutMix, MixUp  # noqa: E402
+from minilearn.callbacks.noise import AreaUnderMargin  # noqa: E402
 from minilearn.callbacks.schedule import ParamScheduler, sched_cos  # noqa: E402
 from minilearn.callbacks.transforms import BatchTransformXCallback, Normalize  # noqa: E402
 from minilearn.data.core import DataBunch, Dataset  # noqa: E402
@@ -246,12 +249,14 @@ def train(args: argparse.Namespace, arch: str, seed: int, x: torch.Tensor, y: to
     _, _, make_loss, make_cbs = method_specs(args.r)[method]
     data = DataBunch.from_tensors(x, y, bs=args.r['bs'], c_in=3, c_out=DATA['n_classes'], seed=_loader_seed(seed))
     test = TestAccuracy(DataLoader(Dataset(DATA['test_x'], DATA['test_y']), batch_size=512), last=min(3, epochs))
-    learn = make_learner(args, arch, seed, data, make_loss(), make_cbs() + [test], augment, sched, epochs)
+    aum = [AreaUnderMargin()] if in_sample else []  # reads the training logits, changes nothing
+    learn = make_learner(args, arch, seed, data, make_loss(), make_cbs() + [test] + aum, augment, sched, epochs)
     learn.fit(epochs)
     out = dict(final=test.accs[-1], last3=statistics.mean(test.accs))
     if in_sample:
         probs, _ = get_preds(learn, dl=DataLoader(Dataset(x, y), batch_size=512))
         out['probs'] = probs.numpy()
+        out['aum'] = aum[0].scores
     return out
 
 
@@ -321,9 +326,14 @@ def prf(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float, in
 
 
 def detections(labels: np.ndarray, changed: np.ndarray, in_probs: np.ndarray, oof_probs: np.ndarray,
-               filter_by: str) -> dict[str, tuple]:
+               filter_by: str, aum: torch.Tensor | None = None) -> dict[str, tuple]:
     n_true = int(changed.sum())
     idx = np.arange(len(labels))
+
+    def mask(indices: torch.Tensor) -> np.ndarray:
+        flagged = np.zeros(len(labels), dtype=bool)
+        flagged[indices.numpy()] = True
+        return flagged
 
     def top_loss(probs: np.ndarray) -> np.ndarray:
         loss = -np.log(np.clip(probs[idx, labels], 1e-12, None))
@@ -336,7 +346,11 @@ def detections(labels: np.ndarray, changed: np.ndarray, in_probs: np.ndarray, oo
     return {'in-sample loss ranking (true count)': prf(top_loss(in_probs), changed),
             'out-of-fold loss ranking (true count)': prf(top_loss(oof_probs), changed),
             'confident learning, out-of-fold probs': prf(cl(oof_probs), changed),
-            'confident learning, in-sample probs': prf(cl(in_probs), changed)}
+            'confident learning, in-sample probs': prf(cl(in_probs), changed),
+            **({} if aum is None else {  # the CE model's own training run: no folds
+                'area under the margin (true count)': prf(mask(find_label_issues(aum=aum, n_issues=n_true)), changed),
+                "area under the margin (confident learning's count, in-sample probs)": prf(mask(find_label_issues(
+                    aum=aum, labels=labels, pred_probs=in_probs)), changed)})}
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -385,7 +399,7 @@ def report(args: argparse.Namespace, results: dict, total_s: float) -> str:
     for regime, per_arch in results['detect'].items():
         for arch, per_seed in per_arch.items():
             n_true = statistics.mean(float(DATA['noisy'][s].changed.sum()) for s in per_seed)
-            for det in next(iter(per_seed.values())):
+            for det in [d for d in next(iter(per_seed.values())) if all(d in v for v in per_seed.values())]:
                 vals = np.array([per_seed[s][det] for s in per_seed])
                 p, rc, f1, n = vals.mean(0)
                 lines.append(f'| {regime} | {arch} | {det} | {p:.3f} | {rc:.3f} | {f1:.3f} | {n:.0f} ({n_true:.0f}) |')
@@ -548,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in range(args.seeds):
                 in_probs, oof_probs = raw[('train', arch, s, 'ce')]['probs'], raw[('train', arch, s, 'clean-retrain')]['oof']
                 results['detect']['short'].setdefault(arch, {})[s] = detections(
-                    labels_of[s], changed_of[s], in_probs, oof_probs, args.r['cl_filter'])
+                    labels_of[s], changed_of[s], in_probs, oof_probs, args.r['cl_filter'],
+                    raw[('train', arch, s, 'ce')].get('aum'))
                 pred = in_probs.argmax(1)
                 fits.append(((pred == labels_of[s]).mean(), (pred == labels_of[s])[changed_of[s]].mean(),
                              (oof_probs.argmax(1) == true).mean()))
@@ -557,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.memorise_seeds):
             out = raw[('memorise', arch, s)]
             results['detect']['memorise'].setdefault(arch, {})[s] = detections(
-                labels_of[s], changed_of[s], out['probs'], out['oof'], args.r['cl_filter'])
+                labels_of[s], changed_of[s], out['probs'], out['oof'], args.r['cl_filter'], out.get('aum'))
             pred = out['probs'].argmax(1)
             results['memorise'].setdefault(arch, {})[s] = dict(
                 fit_all=float((pred == labels_of[s]).mean()), fit_changed=float((pred == labels_of[s])[changed_of[s]].mean()),

@@ -43,7 +43,9 @@ __all__ = [
     'SHAPE_NAMES', 'make_shapes', 'ShapesDataset', 'shapes_datasets', 'shapes_databunch', 'save_shapes_folder',
     # label noise
     'inject_label_noise', 'add_label_noise', 'NoisyLabels', 'find_label_issues', 'LabelIssues',
+    'NOISE_KINDS', 'ASYMMETRIC_MAPPINGS', 'check_noise_kind',
     'out_of_fold_probs', 'stratified_folds', 'dataset_labels', 'clean_dataset', 'RelabeledDataset',
+    'ELR', 'ELRLoss', 'AreaUnderMargin', 'CoTeaching', 'JoCoR', 'forget_rate_schedule',
     # performance and scale
     'ChannelsLast', 'RandomCropPad', 'RandomFlip', 'RandomResizedCrop',
     'MixedPrecision', 'GradientClipping', 'GradientAccumulation', 'Compile', 'DistributedCallback', 'distrib_ctx',

@@ -6,8 +6,10 @@ from .callbacks.checkpoint import (CheckpointCallback, EarlyStoppingCallback, Sa
                                    TrackerCallback, TrainingInterrupted)
 from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, default_device
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
+from .callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
+from .callbacks.noise import ELR, AreaUnderMargin, ELRLoss
 from .callbacks.loggers import CSVLogger, TensorBoardCallback
 from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, balanced_accuracy, f1_score, format_time,
                                 precision_score, recall_score, top_k_accuracy)
@@ -40,8 +42,9 @@ from .model_summary import ModelSummary, summary
 from .losses import (GeneralizedCrossEntropy, HardBootstrappingLoss, LabelSmoothingCrossEntropy, NoneReduce,
                      SoftBootstrappingLoss, SoftTargetCrossEntropy, SymmetricCrossEntropy, lin_comb, loss_reduction,
                      reduce_loss, smooth_one_hot)
-from .noisy import (LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise, clean_dataset, dataset_labels,
-                    find_label_issues, inject_label_noise, out_of_fold_probs, stratified_folds)
+from .noisy import (ASYMMETRIC_MAPPINGS, NOISE_KINDS, LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise,
+                    check_noise_kind, clean_dataset, dataset_labels, find_label_issues, inject_label_noise,
+                    out_of_fold_probs, stratified_folds)
 from .models import (GeneralRelu, Lambda, adapt_model, conv_layer, flatten, get_cnn_layers, get_cnn_model, init_cnn,
                      resnet18_cifar, resnet34_cifar)
 from . import datasets

@@ -8,6 +8,7 @@ but the attributes it reads through `self.run`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .core import camel2snake
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'CancelTrainException', 'CancelEpochException',
-           'CancelBatchException', 'CANCELS', 'Order', 'resuming', 'resumes_epoch']
+           'CancelBatchException', 'CANCELS', 'Order', 'Position', 'require_idx']
 
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_epoch', 'begin_validate',
@@ -62,6 +63,23 @@ class Order:
     MIX = 90                 # MixUp and CutMix mix the finished batch: after device, normalization, augmentation
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a fit starts (`learn.position`): after `epoch` completed epochs and `batches_done` training batches of
+    epoch `epoch` (non-zero only when the fit resumes inside that epoch, read from the loaded checkpoint)."""
+    epoch: int = 0
+    batches_done: int = 0
+
+    @property
+    def resuming(self) -> bool:
+        """Whether the fit continues an earlier one (it starts after epoch 0's first batch)."""
+        return self.epoch > 0 or self.batches_done > 0
+
+    def done_in(self, epoch: int) -> int:
+        """Training batches of `epoch` done before this fit began: `batches_done` in the epoch it resumes inside."""
+        return self.batches_done if epoch == self.epoch else 0
+
+
 def callback_name(cls: type) -> str:
     """snake_case of a callback class's name without its `Callback` suffix (`AvgStatsCallback` -> `avg_stats`)."""
     return camel2snake(re.sub(r'Callback$', '', cls.__name__) or 'callback')
@@ -74,6 +92,19 @@ class Callback:
     `begin_fit`, `begin_epoch` (training pass), `begin_batch`, `after_pred`, `after_loss`, `after_backward`,
     `after_step`, `after_cancel_batch`, `after_batch` (training and validation), `after_cancel_epoch`,
     `begin_validate`, `after_epoch`, `after_cancel_train`, `after_fit` (always runs, in reverse `_order`).
+
+    The learner's state that callbacks share (read as `self.<name>`, set as `self.run.<name> = ...` and put back
+    in `after_fit`): `model`, `data`, `loss_func`, `opt`, `logger`, `grad_scaler`; the batch `xb`, `yb`, `pred`,
+    `loss`, `idx` (each item's dataset index, on the batch's device; None when the loader cannot tell); the
+    loop's counters `epoch`, `epochs`, `iter`, `iters`, `n_epochs`, `n_iter`, `in_train`, `dl`;
+    `position`, a `Position`: where the fit starts (a callback restores its own state in `load_state_dict`,
+    however the fit is resumed, and at `begin_fit` keeps what it holds only when `position.resuming`); and, for
+    the processes of a distributed fit, `rank` and `world_size` (0 and 1 unless DistributedCallback sets them; on
+    other ranks than 0 callbacks with `main_process_only` get no event), `fit_device` (where the fit puts the
+    model and batches, None when no callback chose: DistributedCallback sets this process's device, else
+    DeviceCallback its own) and the collectives `all_reduce(t)` (sum over the processes) and
+    `all_gather_rows(t)` (rows of every process), `t` itself on one process. Callbacks cooperate through these
+    and `find_cb`; none sets another's attributes.
     """
     _order: float = Order.DEFAULT  # position among the callbacks at every event (see `Order`)
     run: Learner | None = None  # the learner this callback is attached to (set by `set_runner`)
@@ -123,28 +154,28 @@ def has_state(cb: Callback) -> bool:
     return getattr(type(cb), 'state_dict', None) is not Callback.state_dict and callable(getattr(cb, 'state_dict', None))
 
 
-def resuming(run: Learner) -> bool:
-    """Whether the current fit continues an earlier one (`start_epoch` > 0, or a start inside an epoch)."""
-    return run.start_epoch > 0 or getattr(run, 'start_iter', 0) > 0
-
-
-def resumes_epoch(run: Learner) -> bool:
-    """Whether the current training pass continues an epoch begun before (the first epoch of a mid-epoch resume)."""
-    return getattr(run, 'start_iter', 0) > 0 and run.epoch == run.start_epoch and run.dl is run.data.train_dl
+def require_idx(cb: Callback) -> None:
+    """Raise unless the training loader tells each batch's dataset indices (`learn.idx`): for callbacks that keep
+    per-item state, at `begin_fit` (after DistributedCallback has sharded the loaders), before any step."""
+    dl = cb.run.data.train_dl
+    if not hasattr(dl, 'last_idx'):
+        raise ValueError(f"{type(cb).__name__} keeps a state per training item and needs each batch's dataset "
+                         f"indices (learn.idx), which a {type(dl).__name__} does not give: build the data with "
+                         f"DataBunch.from_tensors or DataBunch.from_datasets (get_dls)")
 
 
 class TrainEvalCallback(Callback):
     """Always present: switches train/eval mode and keeps the progress counters `n_epochs`, `n_iter`."""
 
     def begin_fit(self) -> None:
-        n_batches = len(self.run.data.train_dl)
+        n_batches, start = len(self.run.data.train_dl), self.run.position
         # The same expressions after_batch computes, so a resumed run's schedules see the same floats.
-        self.run.n_epochs = self.run.start_epoch + self.run.start_iter / n_batches
-        self.run.n_iter = self.run.start_epoch * n_batches + self.run.start_iter
+        self.run.n_epochs = start.epoch + start.batches_done / n_batches
+        self.run.n_iter = start.epoch * n_batches + start.batches_done
 
     def begin_epoch(self) -> None:
-        if resumes_epoch(self.run): self.run.n_epochs = self.run.epoch + self.run.start_iter / len(self.run.dl)
-        else: self.run.n_epochs = float(self.run.epoch)
+        # batches done: 0 but in the epoch a fit resumes inside (then after_batch's expression, as at begin_fit)
+        self.run.n_epochs = self.run.epoch + self.run.position.done_in(self.run.epoch) / len(self.run.dl)
         self.run.model.train()
         self.run.in_train = True
 

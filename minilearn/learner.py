@@ -8,18 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .callback import (CANCELS, EVENTS, CancelBatchException, CancelEpochException, CancelTrainException, Callback,
-                       TrainEvalCallback, callback_name, resumes_epoch)
-from .callbacks.distributed import distrib_ctx
+                       Position, TrainEvalCallback, callback_name, flag)
+from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
 from .core import TablePrinter, check_positive, listify
 from .export import export_learner
 from .inference import get_preds, predict, show_results, summary, tta
-from .serialization import load_for_resume, load_learner_state, save_learner
+from .serialization import ReadCheckpoint, load_for_resume, load_learner_state, save_learner
 
 __all__ = ['EVENTS', 'Callback', 'TrainEvalCallback', 'Learner', 'CancelTrainException',
            'CancelEpochException', 'CancelBatchException', 'param_getter']
@@ -81,7 +82,11 @@ def _annotate(exc: BaseException, cb: Callback, event_name: str) -> BaseExceptio
 
 
 class Learner:
-    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events."""
+    """Holds model, data, loss and optimizer, and runs the training loop, firing callback events.
+
+    The state callbacks read and share (`xb`, `yb`, `idx`, `pred`, `loss`, the counters, `position`, `rank`...) is
+    listed once, in the `Callback` docstring.
+    """
 
     def __init__(self, model: nn.Module, data: Any, loss_func: Callable, opt_func: Callable = torch.optim.SGD,
                  lr: float = 1e-2, cbs: Any = None, cb_funcs: Any = None, splitter: Callable | None = None,
@@ -108,10 +113,10 @@ class Learner:
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
         self.opt, self.logger, self.grad_scaler = None, TablePrinter(), None
-        self.in_train, self.dl = False, None
-        self.xb = self.yb = self.pred = self.loss = None
-        self.epoch = self.epochs = self.start_epoch = self.start_iter = self.iter = self.iters = self.n_iter = 0
-        self.n_epochs = 0.
+        self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
+        self.xb = self.yb = self.idx = self.pred = self.loss = None
+        self.epoch = self.epochs = self.iter = self.iters = self.n_iter = 0
+        self.n_epochs, self.position = 0., Position()  # where the current (or last) fit started
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callback]] | None = None
         self._preflight_pending = self._stepped = False
@@ -170,15 +175,19 @@ class Learner:
         self._handlers = None
 
     def _handler_table(self) -> dict[str, list[Callback]]:
-        # Which callbacks handle which event, in `_order` (stable for ties); callbacks that override
-        # `__call__` (like the course's DebugCallback) receive every event. `after_fit` runs in reverse
-        # order, so the swaps callbacks made at begin_fit unwind like nested `with` blocks.
+        # Which callbacks handle which event, in `_order` (stable for ties), from their classes alone; callbacks
+        # that override `__call__` (like the course's DebugCallback) receive every event. `after_fit` runs in
+        # reverse order, so the swaps callbacks made at begin_fit unwind like nested `with` blocks.
         if self._handlers is None:
             ordered = sorted(self.cbs, key=lambda cb: cb._order)
             self._handlers = {e: [cb for cb in ordered if type(cb).__call__ is not Callback.__call__
-                                  or callable(getattr(type(cb), e, None)) or e in vars(cb)] for e in EVENTS}
+                                  or callable(getattr(type(cb), e, None))] for e in EVENTS}
             self._handlers['after_fit'].reverse()
         return self._handlers
+
+    def _skips(self, cb: Callback) -> bool:
+        # Rank 0 alone logs and writes files; read at each call, as DistributedCallback sets the rank in begin_fit.
+        return self.rank != 0 and flag(cb, 'main_process_only')
 
     def __call__(self, event_name: str) -> bool:
         """Fire `event_name` on every callback in `_order`; True when any handler asked to skip."""
@@ -187,6 +196,7 @@ class Learner:
             raise ValueError(f"unknown event {event_name!r}; valid events: {', '.join(EVENTS)}")
         skip = False
         for cb in handlers:
+            if self._skips(cb): continue
             try:
                 skip = cb(event_name) or skip
             except CANCELS:
@@ -203,6 +213,7 @@ class Learner:
         # When fit is already failing (`failure`), that exception propagates unchanged and these are warned.
         first_error = None
         for cb in self._handler_table()['after_fit']:
+            if self._skips(cb): continue
             try:
                 cb('after_fit')
             except Exception as e:
@@ -226,35 +237,36 @@ class Learner:
         self.opt = self.opt_func(groups, lr=self.lr)
 
     def fit(self, epochs: int, cbs: Any = None, reset_opt: bool = False, start_epoch: int = 0,
-            resume: str | Path | None = None) -> None:
+            resume: str | Path | ReadCheckpoint | None = None) -> None:
         """Train for `epochs` epochs (continuing after `start_epoch` completed ones when resuming).
 
-        `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s) to load first and continue from
-        where it was written, inside an epoch included; the run then ends as the uninterrupted one would.
+        `resume`: a checkpoint (CheckpointCallback's, or `learn.save`'s; its path, or `read_checkpoint(path)`) to
+        load first and continue from where it was written, inside an epoch included; the run then ends as the
+        uninterrupted one would.
         A fit that fails before its first optimizer step leaves the model, optimizer and step counters as they
         were (what a resume loaded included; the callback states, random generators and loader position it
         loaded stay).
         """
         self._check_fit_args(epochs, start_epoch)
         cbs = listify(cbs)
-        added, self.start_iter = [], 0
+        added, position = [], Position(start_epoch)
         before = _FitSnapshot(self, loaded=resume is not None)
         try:
             for cb in cbs:
                 self.add_cb(cb)
                 added.append(cb)
             if resume is not None:
-                start_epoch, self.start_iter = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
+                position = load_for_resume(self, resume, epochs, start_epoch, reset_opt)
         except Exception:
             self.remove_cbs(added)
             raise
         failure, self._stepped = None, False
         try:
             if reset_opt or self.opt is None: self.create_opt()
-            self.epochs, self.start_epoch, self.loss = epochs, start_epoch, torch.tensor(0.)
+            self.epochs, self.position, self.loss = epochs, position, torch.tensor(0.)
             self._preflight_pending = True
             self('begin_fit')
-            for epoch in range(start_epoch, epochs):
+            for epoch in range(position.epoch, epochs):
                 self.epoch = epoch
                 self._do_epoch()
         except CancelTrainException:
@@ -269,6 +281,16 @@ class Learner:
             finally:
                 self.remove_cbs(cbs)
                 self._release_batch()
+
+    @property
+    def start_epoch(self) -> int:
+        """Completed epochs the current (or last) fit started after: `position.epoch` (read-only)."""
+        return self.position.epoch
+
+    @property
+    def start_iter(self) -> int:
+        """Training batches of its first epoch done before the fit started: `position.batches_done` (read-only)."""
+        return self.position.batches_done
 
     def _release_batch(self) -> None:
         # Keep the last batch's values for inspection, but not its autograd graph.
@@ -310,9 +332,13 @@ class Learner:
             self('after_cancel_epoch')
 
     def all_batches(self) -> None:
-        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside)."""
+        """Run every batch of `self.dl` (those not done yet, in the epoch a resumed fit starts inside).
+
+        `idx` is the loader's `last_idx` (TensorLoader, ResumableLoader, their DDP shards: indices into the full
+        dataset), a tensor already made, so reading it costs no host sync; None for loaders without it."""
         self.iters = len(self.dl)
-        for i, batch in enumerate(self.dl, self.start_iter if resumes_epoch(self) else 0):
+        for i, batch in enumerate(self.dl, self.position.done_in(self.epoch) if self.dl is self.data.train_dl else 0):
+            self.idx = getattr(self.dl, 'last_idx', None)
             self.one_batch(i, *self._split_batch(batch))
 
     @staticmethod
@@ -372,6 +398,19 @@ class Learner:
         else:
             self.grad_scaler.step(self.opt)
             self.grad_scaler.update()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes of a distributed fit (a collective: every rank calls it); `t` on one."""
+        if self.world_size == 1: return t
+        t = t.to(self.fit_device)  # NCCL reduces tensors on this process's GPU only
+        dist.all_reduce(t)
+        return t
+
+    def all_gather_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Every process's rows of `t` joined along dim 0 (they may hold different numbers, or None; a collective);
+        `t` on one process."""
+        if self.world_size == 1: return t
+        return all_gather_rows(t, self.fit_device)
 
     def norm_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (mean, std) the learner's BatchTransformXCallback normalizes with; None when it normalizes nothing."""

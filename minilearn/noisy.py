@@ -23,8 +23,9 @@ predictions without MixUp or augmentation) and the in-sample loss ranking `find_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from numbers import Real
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -41,8 +42,9 @@ from .predictions import get_preds
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ['NoisyLabels', 'inject_label_noise', 'add_label_noise', 'LabelIssues', 'find_label_issues',
-           'dataset_labels', 'stratified_folds', 'out_of_fold_probs', 'clean_dataset', 'RelabeledDataset']
+__all__ = ['NoisyLabels', 'NOISE_KINDS', 'ASYMMETRIC_MAPPINGS', 'check_noise_kind', 'inject_label_noise',
+           'add_label_noise', 'LabelIssues', 'find_label_issues', 'dataset_labels', 'stratified_folds',
+           'out_of_fold_probs', 'clean_dataset', 'RelabeledDataset']
 
 
 class NoisyLabels(NamedTuple):
@@ -73,12 +75,71 @@ def _n_classes(labels: torch.Tensor, n_classes: int | None) -> int:
     return n_classes
 
 
-def inject_label_noise(labels: Any, noise_ratio: float, n_classes: int | None = None, exclude_true: bool = False,
-                       generator: torch.Generator | None = None) -> NoisyLabels:
-    """Redraw exactly round(N·noise_ratio) randomly chosen labels uniformly at random; the input is left untouched.
+NOISE_KINDS = ('symmetric', 'pair', 'asymmetric')
+# Class flips of the asymmetric noise of Patrini et al. (CVPR 2017), as used by Co-teaching, ELR, JoCoR and later work.
+ASYMMETRIC_MAPPINGS: Mapping[str, Mapping[int, int]] = MappingProxyType({
+    'mnist': MappingProxyType({7: 1, 2: 7, 5: 6, 6: 5, 3: 8}),  # 7→1, 2→7, 5↔6, 3→8
+    # truck→automobile, bird→airplane, deer→horse, cat↔dog
+    'cifar10': MappingProxyType({9: 1, 2: 0, 4: 7, 3: 5, 5: 3}),
+})
 
-    By default a redrawn label may equal the original one (the common lab convention), so `changed`
-    can have fewer True entries than positions redrawn; `exclude_true=True` always picks another class.
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_noise_kind(kind: str = 'symmetric', mapping: Mapping[int, int] | str | None = None,
+                     n_classes: int | None = None) -> dict[int, int] | None:
+    """The validated class mapping of a noise `kind` (None unless 'asymmetric'); a clear ValueError otherwise.
+
+    `mapping` is a dict {class: class it flips to} or the name of one in `ASYMMETRIC_MAPPINGS` ('mnist',
+    'cifar10'). With `n_classes`, every class of the mapping must lie in [0, n_classes). Call it before
+    any data is read (a CLI's options) and `inject_label_noise` calls it again with the class count.
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, NOISE_KINDS))}, got {kind!r}")
+    if kind != 'asymmetric':
+        if mapping is not None:
+            raise ValueError(f"kind={kind!r} draws its own flips and ignores a mapping; pass kind='asymmetric' to use "
+                             f"mapping={mapping!r}, or drop the mapping")
+        return None
+    if mapping is None:
+        raise ValueError(f"kind='asymmetric' needs mapping={{class: class it flips to}}, or the name of a known one: "
+                         f"{', '.join(map(repr, ASYMMETRIC_MAPPINGS))}")
+    if isinstance(mapping, str):
+        if mapping not in ASYMMETRIC_MAPPINGS:
+            known = ', '.join(map(repr, ASYMMETRIC_MAPPINGS))
+            raise ValueError(f"no asymmetric mapping named {mapping!r}; known: {known}, or pass a dict "
+                             f"{{class: class it flips to}}")
+        mapping = ASYMMETRIC_MAPPINGS[mapping]
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"mapping must be a non-empty dict {{class: class it flips to}}, got {mapping!r}")
+    for source, target in mapping.items():
+        if not _is_int(source) or not _is_int(target):
+            raise ValueError(f"mapping entries must be int class indices, got {source!r}: {target!r}")
+        if source == target:
+            raise ValueError(f"mapping flips class {source} to itself: a flip must change the class (drop that entry)")
+        for c in (source, target):
+            if c < 0 or (n_classes is not None and c >= n_classes):
+                raise ValueError(f"mapping names class {c}, not a class of the labels: classes lie in [0, "
+                                 f"{'n_classes' if n_classes is None else n_classes})")
+    return {int(s): int(t) for s, t in mapping.items()}
+
+
+def inject_label_noise(labels: Any, noise_ratio: float, n_classes: int | None = None, exclude_true: bool = False,
+                       generator: torch.Generator | None = None, *, kind: str = 'symmetric',
+                       mapping: Mapping[int, int] | str | None = None) -> NoisyLabels:
+    """Noisy labels of one of three kinds; the input is left untouched.
+
+    - 'symmetric' (default): exactly round(N·noise_ratio) randomly chosen labels are redrawn uniformly at
+      random. A redrawn label may equal the original one (the common lab convention), so `changed` can
+      have fewer True entries than positions redrawn; `exclude_true=True` always picks another class.
+    - 'pair' (Han et al. 2018): exactly round(N·noise_ratio) randomly chosen labels y become (y + 1) mod C.
+    - 'asymmetric' (Patrini et al. 2017): for each class c of `mapping`, exactly round(n_c·noise_ratio) of
+      its items, chosen at random, become mapping[c]; other classes are untouched. `mapping` is a dict or
+      a name in `ASYMMETRIC_MAPPINGS` ('mnist', 'cifar10'); flips are chosen among the original labels,
+      so cat↔dog swaps. See `check_noise_kind`.
+
     `n_classes` defaults to max(labels)+1. Draws come from `generator` (a CPU `torch.Generator`), else
     from torch's global generator.
     """
@@ -87,20 +148,39 @@ def inject_label_noise(labels: Any, noise_ratio: float, n_classes: int | None = 
             or not 0 <= noise_ratio <= 1:
         raise ValueError(f"noise_ratio must be a number in [0, 1], got {noise_ratio!r}")
     n_classes = _n_classes(labels, n_classes)
+    mapping = check_noise_kind(kind, mapping, n_classes)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise ValueError(f"labels must lie in [0, n_classes={n_classes}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
-    if exclude_true and n_classes < 2:
-        raise ValueError("exclude_true=True needs at least 2 classes to pick a different one")
+    if exclude_true and kind != 'symmetric':
+        raise ValueError(f"exclude_true applies to kind='symmetric' only: kind={kind!r} always changes the class")
+    if (exclude_true or kind == 'pair') and n_classes < 2:
+        raise ValueError(f"{'exclude_true=True' if exclude_true else 'pair noise'} needs at least 2 classes to pick "
+                         f"a different one")
+    if kind == 'asymmetric': return _asymmetric(labels, noise_ratio, mapping, generator)
     n_noisy = round(len(labels) * noise_ratio)
     positions = torch.randperm(len(labels), generator=generator)[:n_noisy]
     original = labels.cpu()[positions].long()
-    if exclude_true:  # a uniform shift in [1, C) is a uniform draw among the other classes
+    if kind == 'pair':
+        drawn = (original + 1) % n_classes
+    elif exclude_true:  # a uniform shift in [1, C) is a uniform draw among the other classes
         drawn = (original + torch.randint(1, n_classes, (n_noisy,), generator=generator)) % n_classes
     else:
         drawn = torch.randint(0, n_classes, (n_noisy,), generator=generator)
     noisy = labels.clone()
     noisy[positions.to(labels.device)] = drawn.to(device=labels.device, dtype=labels.dtype)
+    return NoisyLabels(noisy, noisy != labels)
+
+
+def _asymmetric(labels: torch.Tensor, noise_ratio: float, mapping: dict[int, int],
+                generator: torch.Generator | None) -> NoisyLabels:
+    original = labels.cpu()
+    noisy = original.clone()
+    for source in sorted(mapping):  # sorted: the same draws whatever the dict's order
+        members = (original == source).nonzero().squeeze(1)
+        chosen = members[torch.randperm(len(members), generator=generator)[:round(len(members) * noise_ratio)]]
+        noisy[chosen] = mapping[source]
+    noisy = noisy.to(labels.device)
     return NoisyLabels(noisy, noisy != labels)
 
 
@@ -136,7 +216,8 @@ def _copy(labels: Any) -> Any:
 
 
 def add_label_noise(data: Any, noise_ratio: float, n_classes: int | None = None, exclude_true: bool = False,
-                    generator: torch.Generator | None = None) -> NoisyLabels:
+                    generator: torch.Generator | None = None, *, kind: str = 'symmetric',
+                    mapping: Mapping[int, int] | str | None = None) -> NoisyLabels:
     """Replace a dataset's labels by noisy ones (see `inject_label_noise`), keeping the clean ones in `clean_targets`.
 
     Works on datasets with `targets` (torchvision; an ImageFolder's `samples` follow), minilearn
@@ -147,7 +228,7 @@ def add_label_noise(data: Any, noise_ratio: float, n_classes: int | None = None,
     clean = getattr(data, 'clean_targets', None)
     if clean is None: clean = _copy(getattr(owner, attr))
     result = inject_label_noise(clean, noise_ratio, n_classes if n_classes is not None else known_classes,
-                                exclude_true=exclude_true, generator=generator)
+                                exclude_true=exclude_true, generator=generator, kind=kind, mapping=mapping)
     setattr(owner, attr, _like(result.labels, clean))
     samples = getattr(data, 'samples', None)
     if attr == 'targets' and isinstance(samples, list) and len(samples) == len(result.labels):
@@ -402,6 +483,7 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, pred_probs: Any = None,
+                      aum: Any = None, n_issues: int | None = None,
                       filter_by: str = 'prune_by_noise_rate', return_indices_ranked_by: str | None = None,
                       n_jobs: int | None = 1, **cleanlab_kwargs: Any) -> Any:
     """Likely label errors: confident learning on `labels`/`pred_probs`, or a learner's in-sample loss ranking.
@@ -417,7 +499,18 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
     (`get_preds`). On the training set these are in-sample losses, informative only while the model
     has not memorised the noise; pass a loader without augmentation, e.g.
     `DataLoader(learn.data.train_ds, batch_size=256)`.
+
+    `find_label_issues(aum=scores, n_issues=n)` ranks by area under the margin (`AreaUnderMargin().scores`,
+    one training run, no folds), lowest first: the indices (int64) of the `n_issues` items of lowest AUM, items
+    never trained on (NaN) left out. Without `n_issues`, give `labels=` and `pred_probs=`: the count is then the
+    number of issues confident learning estimates (`cleanlab.count.num_label_issues`). Show them with
+    `LabelIssues.from_probs(probs, labels, indices=..., dataset=...)`.
     """
+    if aum is not None:
+        if learn is not None or dl is not None:
+            raise TypeError("give either a learner (find_label_issues(learn, dl)) or aum=..., not both")
+        return _aum_issues(aum, n_issues, labels, pred_probs)
+    if n_issues is not None: raise TypeError("n_issues=... goes with aum=... (the ranking it cuts)")
     if labels is not None or pred_probs is not None:
         if learn is not None or dl is not None:
             raise TypeError("give either a learner (find_label_issues(learn, dl)) or labels=... and pred_probs=..., "
@@ -447,6 +540,34 @@ def find_label_issues(learn: Any = None, dl: Any = None, *, labels: Any = None, 
     issues.vocab = getattr(learn.data, 'vocab', None) or \
         (_vocab(issues.dataset) if issues.dataset is not None else None)
     return issues
+
+
+def _aum_issues(aum: Any, n_issues: int | None, labels: Any, pred_probs: Any) -> torch.Tensor:
+    scores = torch.as_tensor(np.asarray(aum.detach().cpu() if isinstance(aum, torch.Tensor) else aum))
+    if scores.ndim != 1 or not scores.is_floating_point():
+        raise TypeError(f"aum must be a 1-D float tensor of one score per item (AreaUnderMargin().scores), got "
+                        f"dtype {scores.dtype} and shape {tuple(scores.shape)}")
+    if n_issues is not None:
+        if labels is not None or pred_probs is not None:
+            raise TypeError("give n_issues=... or labels=... and pred_probs=... (confident learning's count), not both")
+        if isinstance(n_issues, bool) or not isinstance(n_issues, int) or n_issues < 0:
+            raise ValueError(f"n_issues must be an int >= 0, got {n_issues!r}")
+    else:
+        if labels is None or pred_probs is None:
+            raise TypeError("find_label_issues(aum=...) needs the number of issues: n_issues=..., or labels=... and "
+                            "pred_probs=... for the count confident learning estimates")
+        labels_t = _as_label_tensor(labels).cpu().long()
+        probs = torch.as_tensor(np.asarray(pred_probs.detach().cpu() if isinstance(pred_probs, torch.Tensor)
+                                           else pred_probs), dtype=torch.float64)
+        _check_probs(probs, labels_t)
+        if len(labels_t) != len(scores):
+            raise ValueError(f"aum has {len(scores)} scores but there are {len(labels_t)} labels; give both for the "
+                             f"same items in the same order")
+        n_issues = int(optional_import('cleanlab.count', 'the count of label issues (find_label_issues(aum=..., '
+                                       'labels=..., pred_probs=...))', 'cleanlab').num_label_issues(
+            labels=labels_t.numpy(), pred_probs=probs.numpy()))
+    seen = (~scores.isnan()).nonzero().squeeze(1)
+    return seen[scores[seen].argsort(stable=True)][:n_issues]
 
 
 # ---- clean and retrain -----------------------------------------------------------------------------

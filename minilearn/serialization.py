@@ -22,17 +22,18 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .callback import has_state
+from .callback import Position, has_state
 from .core import is_main_process, unwrap_partial
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'atomic_write', 'safe_load', 'save_learner', 'load_learner_state',
-           'load_for_resume', 'training_position', 'has_position', 'get_rng_states', 'set_rng_states']
+           'ReadCheckpoint', 'read_checkpoint', 'load_for_resume', 'training_position', 'has_position',
+           'get_rng_states', 'set_rng_states']
 
 _FORMAT = 'minilearn-checkpoint'
 _VERSION = 1  # `iter`, `epochs` and `loader` were added without a new version: older files lack them (iter 0)
@@ -322,6 +323,11 @@ def _loader_to_load(learn: Any, ckpt: dict, path: Path, resume: bool) -> dict | 
                               f"but this training loader ({type(dl).__name__}) cannot start at a batch: it has no "
                               f"load_state_dict. Build the data with DataBunch.from_datasets or get_dls "
                               f"(a ResumableLoader), or DataBunch.from_tensors")
+    if it and (state is None or state.get('batches_done', it) != it):
+        found = 'no training loader position' if state is None else f"a loader at batch {state['batches_done']}"
+        raise CheckpointError(f"checkpoint {str(path)!r} was written inside epoch {ckpt['epoch']} ({it} batches done) "
+                              f"but holds {found}: the loop could not continue where the loader starts. Resume "
+                              f"from a checkpoint written by CheckpointCallback or learn.save() during the fit")
     if state is None or not has_position(dl): return None
     if not resume and state.get('batches_done'):
         state = {**state, 'batches_done': 0}  # a plain load's next fit reads that epoch whole, from its first batch
@@ -358,15 +364,28 @@ def _check_resume_args(ckpt: dict, path: Path, epochs: int, start_epoch: int, re
     return epoch, it
 
 
-def load_for_resume(learn: Any, path: str | Path, epochs: int, start_epoch: int = 0,
-                    reset_opt: bool = False) -> tuple[int, int]:
-    """Load a checkpoint for `learn.fit(epochs, resume=path)`; returns (epoch to start, batches of it done)."""
-    path = checkpoint_path(learn, path)
-    ckpt = safe_load(path)
-    _check_format(ckpt, path)
-    position = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
+class ReadCheckpoint(NamedTuple):
+    """A checkpoint file and what `read_checkpoint` read from it: `fit(resume=...)` takes it without reading again."""
+    path: Path
+    state: dict
+
+
+def read_checkpoint(path: str | Path) -> ReadCheckpoint:
+    """Read a checkpoint written by `learn.save` (format checked), to look at its position before resuming from it."""
+    path = Path(path)
+    state = safe_load(path)
+    _check_format(state, path)
+    return ReadCheckpoint(path, state)
+
+
+def load_for_resume(learn: Any, resume: str | Path | ReadCheckpoint, epochs: int, start_epoch: int = 0,
+                    reset_opt: bool = False) -> Position:
+    """Load a checkpoint (a path, or one already read) for `learn.fit(epochs, resume=...)`; returns the `Position`
+    the fit starts at: the checkpoint's epoch and batches done of it, where the training loader it loaded stands."""
+    path, ckpt = resume if isinstance(resume, ReadCheckpoint) else read_checkpoint(checkpoint_path(learn, resume))
+    epoch, it = _check_resume_args(ckpt, path, epochs, start_epoch, reset_opt)
     _load_checkpoint(learn, ckpt, path, with_opt=True, strict=True, resume=True)
-    return position
+    return Position(epoch, it)
 
 
 def load_learner_state(learn: Any, path: str | Path, with_opt: bool = True, strict: bool = True) -> None:

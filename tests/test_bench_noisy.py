@@ -46,6 +46,7 @@ def test_smoke_run_writes_every_table(study, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith('| label smoothing')]
     assert len(rows) == 1 and rows[0].count('[') == 2  # paired differences with intervals, final and last-3
     for regime in ('short', 'memorise'):
-        for detector in ('in-sample loss ranking', 'out-of-fold loss ranking', 'confident learning, out-of-fold'):
+        for detector in ('in-sample loss ranking', 'out-of-fold loss ranking', 'confident learning, out-of-fold',
+                         'area under the margin (true count)', "area under the margin (confident learning's count"):
             assert any(line.startswith(f'| {regime} | bn6:4 | {detector}') for line in text.splitlines())
     assert 'Command: `python bench/noisy_labels.py --scale smoke' in text

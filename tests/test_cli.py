@@ -6,18 +6,20 @@ import pickle
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from minilearn import cli
-from minilearn.cli import build_learner, build_parser, main
+from minilearn import cli, train_job
+from minilearn.cli import build_parser, main
+from minilearn.train_job import build_learner
 from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
 from minilearn import TensorLoader, label_image_folder, make_rgb, open_image, to_byte_tensor
 
 TINY = ['--epochs', '1', '--n-per-class', '12', '--bs', '32']
-OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--workers', '--arch', '--epochs', '--bs', '--lr',
+OPTIONS = ['--data', '--n-per-class', '--size', '--noise', '--noise-kind', '--workers', '--arch', '--epochs', '--bs', '--lr',
            '--schedule', '--one-cycle', '--mixup', '--mixup-batch', '--label-smoothing', '--loss', '--device', '--seed', '--out',
            '--quiet', '--threads']
 
@@ -164,6 +166,43 @@ def test_mnist_folder(tmp_path):
     assert learn.data.c_in == 1 and learn.model[0][0].in_channels == 1
 
 
+
+def test_noise_kind_pair_flips_exactly_to_the_next_class(tmp_path):
+    learn, report = build_learner(_args('--n-per-class', '10', '--noise', '0.3', '--noise-kind', 'pair',
+                                        '--out', str(tmp_path)))
+    train_ds = learn.data.train_ds
+    changed = train_ds.y != train_ds.clean_targets
+    n_classes = learn.data.c_out
+    assert report['noise']['kind'] == 'pair' and int(changed.sum()) == round(0.3 * len(train_ds.y))
+    assert report['noise']['n_changed'] == report['noise']['n_redrawn'] == int(changed.sum())
+    assert torch.equal(train_ds.y[changed], (train_ds.clean_targets[changed] + 1) % n_classes)
+
+
+def test_noise_kind_asymmetric_uses_the_mnist_mapping(tmp_path):
+    from minilearn.noisy import ASYMMETRIC_MAPPINGS
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (200, 28, 28)))
+    _write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.arange(200) % 10)
+    learn, report = build_learner(_args('--data', str(tmp_path), '--noise', '0.4', '--noise-kind', 'asymmetric',
+                                        '--out', str(tmp_path / 'out')))
+    train_ds = learn.data.train_ds
+    clean, noisy = train_ds.clean_targets, train_ds.y
+    mapping = ASYMMETRIC_MAPPINGS['mnist']
+    changed = noisy != clean
+    assert report['noise']['kind'] == 'asymmetric' and int(changed.sum()) > 0
+    for c in range(10):
+        of_c = clean == c
+        if c not in mapping: assert not changed[of_c].any()
+        else:
+            assert int(changed[of_c].sum()) == round(int(of_c.sum()) * 0.4)
+            assert (noisy[of_c & changed] == mapping[c]).all()
+
+
+def test_noise_kinds_of_the_cli_are_the_library_s():
+    from minilearn.noisy import NOISE_KINDS
+    from minilearn.train_spec import NOISE_KINDS as CLI_KINDS
+    assert CLI_KINDS == NOISE_KINDS
+
 def test_cifar10_python_batches(tmp_path):
     rng = np.random.default_rng(0)
     for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
@@ -198,6 +237,9 @@ def _bad_folder(tmp_path):
     (['--lr', '-1'], 'argument --lr: expected a number > 0'),
     (['--lr', 'nan'], 'argument --lr: expected a finite number'),
     (['--noise', '1.5'], 'argument --noise: expected a ratio in [0, 1]'),
+    (['--noise-kind', 'pair'], '--noise-kind pair needs --noise RATIO'),
+    (['--noise', '0.4', '--noise-kind', 'asymmetric'], 'known for MNIST and CIFAR-10 --data folders only'),
+    (['--noise', '0.4', '--noise-kind', 'flip'], 'argument --noise-kind: invalid choice'),
     (['--label-smoothing', '1'], 'argument --label-smoothing'),
     (['--mixup', '0'], 'argument --mixup'),
     (['--loss', 'mse'], 'argument --loss: invalid choice'),
@@ -263,7 +305,7 @@ print(json.dumps({'code': code, 'heavy': heavy}))
 @pytest.mark.parametrize('argv, code', [
     (['--help'], 0), (['--version'], 0), (['train', '--help'], 0), ([], 2), (['train', '--bogus'], 2),
     (['train', '--epochs', '0'], 2), (['train', '--mixup-batch'], 2), (['train', '--data', '/nonexistent/x'], 2),
-    (['train', '--device', 'cuda 0'], 2), (['trian'], 2),
+    (['train', '--device', 'cuda 0'], 2), (['trian'], 2), (['train', '--resume', '/nonexistent/x'], 2),
 ])
 def test_help_version_and_mistakes_do_not_import_torch(argv, code):
     result = subprocess.run([sys.executable, '-c', FAST_CHILD, json.dumps(argv)], capture_output=True, text=True,
@@ -328,7 +370,7 @@ def test_interrupted_run_says_so_in_metrics(tmp_path, capsys, monkeypatch):
 
 def test_interrupt_during_setup_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs): raise KeyboardInterrupt
-    monkeypatch.setattr(cli, '_build_data', interrupted)
+    monkeypatch.setattr(train_job, '_build_data', interrupted)
     assert main(['train', '--quiet', '--out', str(tmp_path / 'out')]) == 130
     assert capsys.readouterr().err.strip() == 'minilearn train: interrupted'
     assert not (tmp_path / 'out').exists()
@@ -346,8 +388,48 @@ def test_failed_run_says_so_in_metrics(tmp_path, monkeypatch):
 
 def test_write_status_checks_the_status(tmp_path):
     with pytest.raises(ValueError, match="status must be one of .*'complete'"):
-        cli.write_status(tmp_path, 'done', {})
+        train_job.write_status(tmp_path, 'done', {})
     assert not (tmp_path / 'metrics.json').exists()
-    report = cli.write_status(tmp_path, 'running', {'epochs': 2})
+    report = train_job.write_status(tmp_path, 'running', {'epochs': 2})
     assert json.loads((tmp_path / 'metrics.json').read_text()) == {'status': 'running', 'epochs': 2,
                                                                  'started': report['started']}
+
+
+def _record_calls(monkeypatch, owner, name):
+    """Replaces `owner.name` by a wrapper that records each call's first argument; returns the record."""
+    calls, real = [], getattr(owner, name)
+
+    def recorded(first, *args, **kwargs):
+        calls.append(Path(first))
+        return real(first, *args, **kwargs)
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
+def test_resume_reads_run_json_and_the_checkpoint_once(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    argv = ['train', '--epochs', '2', '--n-per-class', '12', '--bs', '32', '--quiet', '--checkpoint-every', '2']
+    _StopAt(KeyboardInterrupt(), 1, out).install(monkeypatch)
+    assert main([*argv, '--out', str(out)]) == 130  # the checkpoint of the end of epoch 0 stays
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_json = json.loads((out / 'run.json').read_text())
+    assert run_json['epochs'] == 2 and 'resume' not in run_json
+    # a run whose checkpoint is past its epochs is refused before anything is built or written
+    (out / 'run.json').write_text(json.dumps({**run_json, 'epochs': 1}))
+    before = (out / 'metrics.json').read_text()
+    loads = _record_calls(monkeypatch, torch, 'load')
+    assert main(['train', '--resume', str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f'minilearn train: error: --resume {out}: that run is complete '
+                                               f'(1 epochs); its outputs are in {out}')
+    assert loads == [out / 'checkpoint.pth'] and (out / 'metrics.json').read_text() == before
+    (out / 'run.json').write_text(json.dumps(run_json))
+    monkeypatch.undo()
+    loads, reads = _record_calls(monkeypatch, torch, 'load'), _record_calls(monkeypatch, Path, 'read_text')
+    assert main(['train', '--resume', str(out), '--quiet']) == 0
+    assert loads == [out / 'checkpoint.pth']  # read once: the job hands what it read to fit
+    assert reads.count(out / 'run.json') == 1
+    metrics = _metrics(out)
+    assert metrics['status'] == 'complete' and metrics['resumed_from'] == {'epoch': 1, 'batch': 0}
+    assert metrics['args']['resume'] == str(out) and metrics['args']['epochs'] == 2
+    assert not (out / 'checkpoint.pth').exists() and not (out / 'run.json').exists()

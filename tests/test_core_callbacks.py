@@ -131,6 +131,32 @@ def test_model_and_batches_land_on_the_callback_device():
     assert where and all(d.type == device for row in where for d in row)
 
 
+def test_device_callback_sets_the_fit_device_and_defers_to_one_already_chosen():
+    seen = []
+
+    class Where(Callback):
+        _order = 10
+        def after_pred(self): seen.append((self.fit_device, self.xb.device, next(self.model.parameters()).device))
+
+    class ChoosesCpu(Callback):  # as DistributedCallback chooses this process's device, before DeviceCallback
+        _order = -6
+        def begin_fit(self): self.run.fit_device = torch.device('cpu')
+        def after_fit(self): self.run.fit_device = None
+
+    cpu = torch.device('cpu')
+    data = linear_data(n_train=32, n_valid=16, bs=16)
+    learn = Learner(mlp(), data, F.cross_entropy, cbs=[DeviceCallback(cpu), Where()])
+    assert learn.fit_device is None
+    learn.fit(1)
+    assert seen == [(cpu, cpu, cpu)] * 3 and learn.fit_device is None
+    # Its own device would fail the fit (meta tensors hold no data): the device chosen first is used instead.
+    seen.clear()
+    meta = DeviceCallback('meta')
+    learn = Learner(mlp(), data, F.cross_entropy, cbs=[meta, Where()])
+    learn.fit(1, cbs=[ChoosesCpu()])
+    assert seen == [(cpu, cpu, cpu)] * 3 and learn.fit_device is None and meta.device == torch.device('meta')
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_callback_moves_to_gpu_with_pinned_memory():
     data = linear_data(pin_memory=True)

@@ -152,3 +152,55 @@ def test_set_runner_and_reads_before_attachment():
     learn = Learner(mlp(), linear_data(), F.cross_entropy)
     cb.set_runner(learn)
     assert cb.model is learn.model and cb.run is learn
+
+
+class DebugCallback(Callback):
+    """Course 11a: overrides `__call__`, so it receives every event (here it records them)."""
+    _order = 999
+
+    def __init__(self): self.events = []
+    def __call__(self, event_name): self.events.append(event_name)
+
+
+def test_handlers_come_from_the_class_and_an_overridden_dispatch_gets_every_event():
+    calls = []
+
+    class OnlyFit(Callback):
+        def begin_fit(self): calls.append('class begin_fit')
+
+    only_fit, debug = OnlyFit(), DebugCallback()
+    only_fit.after_batch = lambda: calls.append('instance after_batch')  # not a handler: the class has none
+    learn = Learner(mlp(), linear_data(n_train=32, n_valid=16, bs=16), F.cross_entropy, cbs=[only_fit, debug])
+    learn.fit(1)
+    assert calls == ['class begin_fit']
+    train, valid = ['begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step', 'after_batch'], \
+        ['begin_batch', 'after_pred', 'after_loss', 'after_batch']
+    assert debug.events == ['begin_fit', 'begin_epoch'] + train * 2 + ['begin_validate'] + valid + \
+        ['after_epoch', 'after_fit']
+
+
+def test_ranks_other_than_0_leave_main_process_only_callbacks_out_of_the_dispatch():
+    got = []
+
+    class Rank1(Callback):
+        """What DistributedCallback does on rank 1: set the learner's rank at begin_fit, put it back after."""
+        _order = -6
+        def begin_fit(self): self.run.rank = 1
+        def after_fit(self): self.run.rank = 0
+
+    class Logs(Callback):
+        main_process_only, who = True, 'logs'
+        def begin_fit(self): got.append((self.who, 'begin_fit'))
+        def after_batch(self): got.append((self.who, 'after_batch'))
+        def after_fit(self): got.append((self.who, 'after_fit'))
+
+    class EarlyLogs(Logs):  # runs before the rank changes at begin_fit, and after it is put back at after_fit
+        _order, who = -10, 'early'
+
+    learn = Learner(mlp(), linear_data(n_train=32, n_valid=16, bs=16), F.cross_entropy, cbs=[Logs(), EarlyLogs()])
+    learn.fit(1, cbs=[Rank1()])
+    assert got == [('early', 'begin_fit'), ('early', 'after_fit')] and learn.rank == 0
+    got.clear()
+    learn.fit(1)  # rank 0 again: every event
+    assert got.count(('logs', 'after_batch')) == 3 and got.count(('early', 'after_batch')) == 3
+    assert got[:2] == [('early', 'begin_fit'), ('logs', 'begin_fit')] and got[-1] == ('early', 'after_fit')

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from helpers import mlp, weights
+from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.distributed import DistributedCallback, ShardSampler, num_distrib, rank_distrib, shard_loader
 from minilearn.callbacks.metrics import AccumMetric, AvgStatsCallback, accuracy, balanced_accuracy, f1_score
 from minilearn.callbacks.precision import GradientAccumulation
 from minilearn.callbacks.progress import ProgressCallback
 from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch, Dataset, TensorLoader
-from minilearn.learner import EVENTS, Callback, Learner
+from minilearn.learner import Callback, Learner
 
 N_TRAIN, N_VALID, WORLD_SIZE = 128, 33, 2  # 33: validation shards of 17 and 16 items: 2 and 1 batches of 16
 
@@ -74,6 +75,23 @@ class SyncProbe(Callback):
         if self.in_train: self.flags.append(self.model.require_backward_grad_sync)
 
 
+class MainOnly(Callback):
+    """A callback for rank 0 alone: the events it receives."""
+    main_process_only = True
+
+    def __init__(self): self.events = []
+    def begin_fit(self): self.events.append('begin_fit')
+    def after_batch(self): self.events.append('after_batch')
+    def after_fit(self): self.events.append('after_fit')
+
+
+class LearnerProbe(Callback):
+    """The learner's rank, world size and device during the fit, as every callback reads them."""
+    _order = 100
+
+    def begin_batch(self): self.seen = (self.run.rank, self.run.world_size, self.run.fit_device)
+
+
 class FailMidEpoch(Callback):
     def after_batch(self):
         if self.in_train and self.iter == 1: raise RuntimeError('failure mid-epoch')
@@ -93,13 +111,15 @@ def _worker(rank, port, out_dir):
         result['error'] = str(e)
     result['restored_after_error'] = learn.model is model and learn.data is data and learn.logger is logger
     # 2. One epoch through distrib_ctx, models initialised differently per rank (DDP broadcasts rank 0's).
+    # A DeviceCallback of its own device (meta: a fit there fails) trains on this process's device, the CPU.
     learn = new_learner(bs=32, model_seed=1 if rank == 0 else 99)
     model, data = learn.model, learn.data
-    probe, progress = StepProbe(), ProgressCallback(interactive=False)
+    probe, progress, main_only, reads = StepProbe(), ProgressCallback(interactive=False), MainOnly(), LearnerProbe()
+    device_cb = DeviceCallback('meta')
     out = io.StringIO()
     with contextlib.redirect_stdout(out), learn.distrib_ctx():
         result['group_size'] = num_distrib()
-        learn.fit(1, cbs=[probe, progress])
+        learn.fit(1, cbs=[probe, progress, main_only, reads, device_cb])
     result.update(rank=rank_distrib(), after_steps=probe.after_steps, model_types=sorted(probe.model_types),
                   final=weights(learn.model), history=learn.avg_stats.history,
                   valid_count=learn.avg_stats.valid_stats.count, train_count=learn.avg_stats.train_stats.count,
@@ -107,7 +127,8 @@ def _worker(rank, port, out_dir):
                             for s in (learn.avg_stats.train_stats, learn.avg_stats.valid_stats)],
                   printed=out.getvalue(), n_losses=len(learn.recorder.losses),
                   restored=learn.model is model and learn.data is data and not hasattr(learn, 'distributed'),
-                  progress_unmuted=not any(event in vars(progress) for event in EVENTS))
+                  main_only=main_only.events, seen=reads.seen, device_cb=device_cb.device,
+                  after=(learn.rank, learn.world_size, learn.fit_device))
     # 3. Gradient accumulation over 2 batches of 16 per rank: all-reduce only on the stepping batches.
     learn = new_learner(bs=16, model_seed=1 if rank == 0 else 99)
     syncs = SyncProbe()
@@ -205,7 +226,12 @@ def test_progress_and_log_on_rank_0_only_and_everything_restored(two_ranks):
     r0, r1 = two_ranks
     assert r0['group_size'] == 2 and (r0['rank'], r1['rank']) == (0, 1)
     assert 'train_loss' in r0['printed'] and r1['printed'] == ''
-    assert r0['restored'] and r1['restored'] and r1['progress_unmuted']
+    assert r0['restored'] and r1['restored']
+    # The learner leaves main_process_only callbacks to rank 0: rank 1's gets no event at all, and keeps no
+    # trace of the fit (no instance attribute stands in for its handlers).
+    assert r0['main_only'] == ['begin_fit'] + ['after_batch'] * 4 + ['after_fit'] and r1['main_only'] == []
+    assert (r0['seen'], r1['seen']) == ((0, 2, torch.device('cpu')), (1, 2, torch.device('cpu')))
+    assert r0['after'] == r1['after'] == (0, 1, None) and r0['device_cb'] == r1['device_cb'] == torch.device('meta')
     assert r0['error'].startswith('failure mid-epoch') and r0['restored_after_error'] and r1['restored_after_error']
 
 

@@ -1,8 +1,10 @@
-"""The package's import graph points one way: no cycle (function-local imports included), nothing inside
-the package but the public API (`_api.py`, which `__init__.py` loads on first use) and `cli.py` imports
-`learner.py`, and the modules split out of `inference`, `callbacks/metrics`, `data/external` and `data/items`
-sit below the modules that re-export them."""
+"""The package's import graph points one way: no cycle (function-local imports included); nothing inside
+the package but the public API (`_api.py`, which `__init__.py` loads on first use) and the `minilearn train` job
+(`train_job.py`) imports `learner.py`; `cli.py` imports only the standard library and the torch-free
+`train_spec.py` at the top, and the job once, inside `main`; the modules split out of `inference`,
+`callbacks/metrics`, `data/external` and `data/items` sit below the modules that re-export them."""
 import ast
+import sys
 from pathlib import Path
 
 import minilearn
@@ -98,9 +100,45 @@ def test_no_import_cycle_in_the_package():
     assert _cycles(_graph()) == []
 
 
-def test_only_init_and_cli_import_the_learner():
+def test_only_the_api_and_the_train_job_import_the_learner():
     importers = sorted(name for name, deps in _graph().items() if 'minilearn.learner' in deps)
-    assert importers == ['minilearn._api', 'minilearn.cli']  # _api: the names `minilearn/__init__.py` loads on first use
+    assert importers == ['minilearn._api', 'minilearn.train_job']  # _api: what `minilearn/__init__.py` loads on use
+
+
+def _top_and_local_imports(path: Path) -> tuple[set[str], list[str]]:
+    """The modules `path` imports at module level (`from . import x` as the package), and those imported inside
+    functions, in order (relative ones as `.name`)."""
+    top, local = set(), []
+
+    def names(node: ast.Import | ast.ImportFrom) -> list[str]:
+        if isinstance(node, ast.Import): return [alias.name for alias in node.names]
+        return ['.' * node.level + (node.module or '')]
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if in_function: local.extend(names(node))
+            else: top.update(names(node))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return top, local
+
+
+def _standard(name: str) -> bool:
+    return name.split('.')[0] in sys.stdlib_module_names or name == '__future__'
+
+
+def test_cli_imports_the_standard_library_and_reaches_the_job_once():
+    top, local = _top_and_local_imports(PACKAGE / 'cli.py')
+    # '.': the package itself, for __version__ (torch-free, and imported already with any of its modules)
+    assert {name for name in top if not _standard(name)} == {'.', '.train_spec'}
+    assert local == ['.train_job']  # inside main, once the command line is checked
+    spec_top, spec_local = _top_and_local_imports(PACKAGE / 'train_spec.py')
+    assert all(_standard(name) for name in spec_top) and spec_local == []
+    assert _graph()['minilearn.train_spec'] == set()  # what cli.py and the job share imports nothing of the package
+    job = _graph()['minilearn.train_job']
+    assert 'minilearn.learner' in job and 'minilearn.train_spec' in job and 'minilearn.cli' not in job
 
 
 def test_the_protocol_and_core_import_nothing_above_them():
@@ -126,3 +164,128 @@ def test_the_split_modules_point_one_way():
     assert 'minilearn.data.external' not in graph['minilearn.data.formats']
     assert 'minilearn.data.cache' in graph['minilearn.data.items']  # item lists decode through the cache
     assert 'minilearn.data.items' not in graph['minilearn.data.cache']  # (its type hints: under TYPE_CHECKING)
+
+
+# ---- callbacks cooperate through the learner: none writes another callback's attributes ------------------------
+def _callback_names() -> set[str]:
+    """The learner attribute names of the package's callbacks (`learn.avg_stats`, `learn.device`...)."""
+    import importlib
+    import inspect
+    from minilearn.callback import Callback, callback_name
+    names = set()
+    for path in (PACKAGE / 'callbacks').glob('*.py'):
+        module = importlib.import_module(_module_name(path))
+        names |= {callback_name(c) for _, c in inspect.getmembers(module, inspect.isclass) if issubclass(c, Callback)}
+    return names
+
+
+def _is_learner(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id in ('run', 'learn') or \
+        isinstance(node, ast.Attribute) and node.attr == 'run' and isinstance(node.value, ast.Name)
+
+
+def _foreign_writes(source: str, callback_names: set[str]) -> list[str]:
+    """The statements of `source` that write to a callback other than `self`: assignments and `del` of its
+    attributes or items, `setattr`/`delattr` on it, `vars(...)`/`__dict__` of it. A callback is what the learner
+    hands out (`find_cb(...)`, `learn.cbs`, `learn.<callback name>`), any local name or `self.<attribute>`
+    bound to an expression holding one, the loop variables over such an expression, and parameters annotated
+    as callbacks."""
+    tree = ast.parse(source)
+    self_attrs: set[str] = set()  # attributes of `self` that hold another callback (anywhere in the module)
+
+    def reaches(node: ast.AST, names: set[str]) -> bool:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == 'find_cb':
+                return True
+            if isinstance(sub, ast.Name) and sub.id in names: return True
+            if isinstance(sub, ast.Attribute):
+                if sub.attr == 'cbs' or sub.attr in callback_names and _is_learner(sub.value): return True
+                if isinstance(sub.value, ast.Name) and sub.value.id == 'self' and sub.attr in self_attrs: return True
+        return False
+
+    def bound(target: ast.AST) -> list[ast.AST]:  # the names and `self.<attribute>`s a target binds
+        if isinstance(target, (ast.Tuple, ast.List)): return [n for e in target.elts for n in bound(e)]
+        if isinstance(target, ast.Starred): return bound(target.value)
+        is_self_attr = isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and \
+            target.value.id == 'self'
+        return [target] if isinstance(target, ast.Name) or is_self_attr else []
+
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    local = {id(f): {a.arg for a in f.args.args + f.args.kwonlyargs  # parameters typed as callbacks
+                     if a.annotation is not None and 'Callback' in ast.unparse(a.annotation)} for f in functions}
+    changed = True
+    while changed:  # to a fixed point: a name bound from a bound name, `self.x` set in one method read in another
+        changed = False
+        for f in functions:
+            for node in ast.walk(f):
+                pairs = []
+                if isinstance(node, ast.Assign): pairs = [(t, node.value) for t in node.targets]
+                elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and node.value:
+                    pairs = [(node.target, node.value)]
+                elif isinstance(node, (ast.For, ast.comprehension)): pairs = [(node.target, node.iter)]
+                for target, value in pairs:
+                    if not reaches(value, local[id(f)]): continue
+                    for n in bound(target):
+                        names, key = (local[id(f)], n.id) if isinstance(n, ast.Name) else (self_attrs, n.attr)
+                        if key not in names: names.add(key); changed = True
+    found = []
+    for f in functions:
+        names = local[id(f)]
+        for node in ast.walk(f):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            targets = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+            if any(isinstance(t, (ast.Attribute, ast.Subscript)) and reaches(t.value, names) for t in targets):
+                found.append(f'line {node.lineno}: {ast.unparse(node)}')
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args and \
+                    node.func.id in ('setattr', 'delattr', 'vars') and reaches(node.args[0], names):
+                found.append(f'line {node.lineno}: {ast.unparse(node)}')
+            elif isinstance(node, ast.Attribute) and node.attr == '__dict__' and reaches(node.value, names):
+                found.append(f'line {node.lineno}: {ast.unparse(node)}')
+    return sorted(set(found))
+
+
+def test_the_checker_finds_writes_to_other_callbacks():
+    names = {'device', 'avg_stats'}
+    bad = '''
+class Meddler(Callback):
+    def begin_fit(self):
+        run = self.run
+        self.saved = {'devices': [(cb, cb.device) for cb in [run.find_cb(DeviceCallback)] if cb is not None]}
+        for cb, _ in self.saved['devices']: cb.device = self.device
+        stats = self.run.find_cb(AvgStatsCallback)
+        stats.train_stats.count += 1
+        self.run.avg_stats.history = []
+        self.run.find_cb(Recorder).lrs[0] = 1
+        for cb in run.cbs: setattr(cb, 'after_batch', print)
+        other = [c for c in self.run.cbs if c.main_process_only][0]
+        del other.after_batch
+    def after_fit(self):
+        for cb, device in self.saved['devices']: vars(cb).update(device=device)
+    def _mute(self, cb: Callback) -> None:
+        cb.begin_batch = do_nothing
+'''
+    found = _foreign_writes(bad, names)
+    assert [f.split(':')[0] for f in found] == [f'line {n}' for n in (10, 11, 13, 15, 17, 6, 8, 9)], found
+    good = '''
+class Polite(Callback):
+    def begin_fit(self):
+        run = self.run
+        self.stats = run.find_cb(AvgStatsCallback)
+        data = copy.copy(run.data)
+        data.train_dl = shard(run.data.train_dl)
+        run.model, run.data, run.fit_device = self.model, data, self.device
+        self.run.rank = 1
+        self.rows = self.stats.history[-1]
+        self.saved = {'model': run.model, 'n': len(run.cbs)}
+        setattr(self.module, 'weight', None)
+'''
+    assert _foreign_writes(good, names) == []
+
+
+def test_no_callback_writes_another_callbacks_attributes():
+    names = _callback_names()
+    assert {'device', 'avg_stats', 'recorder', 'distributed', 'progress'} <= names
+    paths = sorted((PACKAGE / 'callbacks').glob('*.py'))
+    found = {path.name: _foreign_writes(path.read_text(), names) for path in paths}
+    assert {k: v for k, v in found.items() if v} == {}

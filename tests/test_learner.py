@@ -53,11 +53,10 @@ class RaiseAt(Callback):
     _order = 100  # after the probe, so the probe sees the event in which it raises
 
     def __init__(self, event, exc, when=lambda run: True):
-        self.exc, self.when = exc, when
-        setattr(self, event, self._raise)
+        self.event, self.exc, self.when = event, exc, when
 
-    def _raise(self):
-        if self.when(self.run): raise self.exc()
+    def __call__(self, event_name):  # handlers come from the class: one event chosen per instance overrides dispatch
+        if event_name == self.event and self.when(self.run): raise self.exc()
 
 
 def test_cancel_batch_skips_rest_of_batch_and_continues():

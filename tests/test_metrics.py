@@ -17,7 +17,8 @@ from minilearn.callbacks.loggers import CSVLogger
 from minilearn.callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, accuracy, balanced_accuracy,
                                          f1_score, is_epoch_metric, precision_score, recall_score, top_k_accuracy)
 from minilearn.callbacks.progress import ProgressCallback
-from minilearn.data.core import DataBunch, Dataset
+from minilearn.callback import Position
+from minilearn.data.core import DataBunch, Dataset, TensorLoader
 from minilearn.learner import CancelBatchException, Callback, Learner
 
 
@@ -319,18 +320,6 @@ def test_tensorboard_writes_the_new_columns(tmp_path):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
-class ResumingLearner(Learner):
-    """Stands in for mid-epoch resume (built elsewhere): in epoch `skip_epoch` the first `skip` batches are not run,
-    and the others keep their index in the epoch."""
-    skip_epoch, skip = None, 0
-
-    def all_batches(self):
-        self.iters = len(self.dl)
-        for i, batch in enumerate(self.dl):
-            if self.in_train and self.epoch == self.skip_epoch and i < self.skip: continue
-            self.one_batch(i, *self._split_batch(batch))
-
-
 class SaveAt(Callback):
     """learn.save() after training batch `batch` of epoch `epoch` (a mid-epoch checkpoint)."""
     _order = 100
@@ -345,11 +334,12 @@ def metrics_for_resume():
     return [accuracy, f1_score(), balanced_accuracy(), AccumMetric(f1_score().func, name='f1_host', to_cpu=True)]
 
 
-def resume_learner(cls=Learner):
+def resume_learner():
     torch.manual_seed(0)
     shuffled = linear_data(n_train=160, n_valid=48)
-    data = DataBunch(DataLoader(shuffled.train_ds, batch_size=16), DataLoader(shuffled.valid_ds, batch_size=16))
-    learn = cls(mlp(), data, F.cross_entropy, lr=0.3, cbs=[AvgStatsCallback(metrics_for_resume())])
+    data = DataBunch(TensorLoader(shuffled.train_ds.x, shuffled.train_ds.y, bs=16),  # in order, resumable
+                     DataLoader(shuffled.valid_ds, batch_size=16))
+    learn = Learner(mlp(), data, F.cross_entropy, lr=0.3, cbs=[AvgStatsCallback(metrics_for_resume())])
     learn.logger = lambda *a: None
     return learn
 
@@ -365,11 +355,9 @@ def test_a_mid_epoch_checkpoint_holds_the_pass_so_far_and_a_resume_gives_the_sam
         kept = state['partial']['train']['metrics'][1]
         assert kept['preds'].shape == (96, 3) and torch.equal(kept['targets'], straight.data.train_ds.y[:96])
 
-        resumed = resume_learner(ResumingLearner)
-        with pytest.warns(UserWarning, match=r'resume=path'):  # a faked resume: this test predates fit(resume=)
-            resumed.load(tmp_path / 'mid.pth')
-        resumed.skip_epoch, resumed.skip = 1, 6
-        resumed.fit(3, start_epoch=1)
+        resumed = resume_learner()
+        resumed.fit(3, resume=tmp_path / 'mid.pth')
+        assert resumed.position == Position(epoch=1, batches_done=6)
     finally:
         AvgStats.fold_every = saved_fold
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]

@@ -14,9 +14,9 @@ from minilearn.data.core import DataBunch, Dataset
 from minilearn.data.items import CategoryProcessor, ImageList, ItemList, LabeledData, SplitData, parent_labeler
 from minilearn.learner import Learner
 from minilearn.losses import LabelSmoothingCrossEntropy
-from minilearn.noisy import (LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise, clean_dataset,
-                             dataset_labels, find_label_issues, inject_label_noise, out_of_fold_probs,
-                             stratified_folds)
+from minilearn.noisy import (ASYMMETRIC_MAPPINGS, LabelIssues, NoisyLabels, RelabeledDataset, add_label_noise,
+                             check_noise_kind, clean_dataset, dataset_labels, find_label_issues, inject_label_noise,
+                             out_of_fold_probs, stratified_folds)
 from helpers import mlp
 
 
@@ -87,6 +87,119 @@ def test_bad_arguments_are_clear_errors():
         inject_label_noise(labels, 0.1, n_classes=2)
     with pytest.raises(ValueError, match='at least 2 classes'):
         inject_label_noise(torch.zeros(3, dtype=torch.long), 0.5, exclude_true=True)
+
+
+# ---- pair and asymmetric noise ------------------------------------------------------------------
+@pytest.mark.parametrize('ratio', [0., 0.2, 0.45, 1.])
+def test_pair_noise_moves_exactly_round_n_ratio_labels_to_the_next_class(ratio):
+    labels = torch.randint(0, 10, (997,), generator=gen(3))
+    noisy, changed = inject_label_noise(labels, ratio, n_classes=10, generator=gen(7), kind='pair')
+    n = round(997 * ratio)
+    positions = torch.randperm(997, generator=gen(7))[:n]  # reproduced by hand: the same draw, then y -> y+1 mod C
+    expected = labels.clone()
+    expected[positions] = (labels[positions] + 1) % 10
+    assert torch.equal(noisy, expected) and int(changed.sum()) == n and torch.equal(changed, noisy != labels)
+    assert torch.equal(noisy[changed], (labels[changed] + 1) % 10)  # 9 wraps to 0
+
+
+def test_asymmetric_noise_flips_exactly_round_nc_ratio_of_each_mapped_class_and_nothing_else():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 61, 47, 33, 20, 58, 45, 71, 39, 25]))
+    mapping = {7: 1, 2: 7, 5: 6, 6: 5, 3: 8}  # MNIST's: 5 and 6 swap, 2 -> 7 while 7 -> 1
+    noisy, changed = inject_label_noise(labels, 0.4, generator=gen(), kind='asymmetric', mapping=mapping)
+    assert torch.equal(changed, noisy != labels)
+    for c in range(10):
+        members = labels == c
+        if c in mapping:
+            assert int(changed[members].sum()) == round(int(members.sum()) * 0.4), c
+            assert (noisy[members & changed] == mapping[c]).all()
+        else:
+            assert not changed[members].any(), c
+    # the flips are chosen among the original labels, class by class in sorted order: reproduced by hand
+    expected, g = labels.clone(), gen()
+    for c in sorted(mapping):
+        members = (labels == c).nonzero().squeeze(1)
+        expected[members[torch.randperm(len(members), generator=g)[:round(len(members) * 0.4)]]] = mapping[c]
+    assert torch.equal(noisy, expected)
+    assert torch.equal(inject_label_noise(labels, 0.4, generator=gen(), kind='asymmetric',
+                                          mapping=dict(reversed(list(mapping.items())))).labels, noisy)
+    everything = inject_label_noise(labels, 1., kind='asymmetric', mapping=mapping).labels
+    assert torch.equal(everything, torch.tensor([mapping.get(c, c) for c in labels.tolist()]))
+
+
+def test_named_asymmetric_mappings_are_the_papers():
+    assert dict(ASYMMETRIC_MAPPINGS['mnist']) == {7: 1, 2: 7, 5: 6, 6: 5, 3: 8}
+    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    assert {names[s]: names[t] for s, t in ASYMMETRIC_MAPPINGS['cifar10'].items()} == \
+        {'truck': 'automobile', 'bird': 'airplane', 'deer': 'horse', 'cat': 'dog', 'dog': 'cat'}
+    labels = torch.arange(10).repeat(20)
+    by_name = inject_label_noise(labels, 0.3, generator=gen(), kind='asymmetric', mapping='cifar10')
+    by_dict = inject_label_noise(labels, 0.3, generator=gen(), kind='asymmetric',
+                                 mapping={9: 1, 2: 0, 4: 7, 3: 5, 5: 3})
+    assert torch.equal(by_name.labels, by_dict.labels) and int(by_name.changed.sum()) == 5 * 6
+
+
+@pytest.mark.parametrize('kind, mapping', [('pair', None), ('asymmetric', 'mnist')])
+def test_pair_and_asymmetric_are_seeded_and_leave_input_and_global_rng_alone(kind, mapping):
+    labels = torch.randint(0, 10, (400,), generator=gen(1)).int()
+    copy, state = labels.clone(), torch.get_rng_state()
+    a = inject_label_noise(labels, 0.3, generator=gen(4), kind=kind, mapping=mapping)
+    b = inject_label_noise(labels, 0.3, generator=gen(4), kind=kind, mapping=mapping)
+    c = inject_label_noise(labels, 0.3, generator=gen(5), kind=kind, mapping=mapping)
+    assert torch.equal(labels, copy) and torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a.labels, b.labels) and not torch.equal(a.labels, c.labels) and a.labels.dtype == torch.int32
+
+
+def test_symmetric_stays_the_default():
+    labels = torch.randint(0, 10, (300,), generator=gen(2))
+    for exclude in (False, True):
+        default = inject_label_noise(labels, 0.5, generator=gen(9), exclude_true=exclude)
+        named = inject_label_noise(labels, 0.5, generator=gen(9), exclude_true=exclude, kind='symmetric')
+        assert torch.equal(default.labels, named.labels)
+
+
+def test_noise_kind_errors_name_the_problem():
+    labels = torch.arange(10).repeat(3)
+    with pytest.raises(ValueError, match="kind must be one of 'symmetric', 'pair', 'asymmetric', got 'flip'"):
+        inject_label_noise(labels, 0.1, kind='flip')
+    for kind in ('symmetric', 'pair'):
+        with pytest.raises(ValueError, match=f"kind='{kind}' .* ignores a mapping"):
+            inject_label_noise(labels, 0.1, kind=kind, mapping={1: 2})
+    with pytest.raises(ValueError, match="kind='asymmetric' needs mapping="):
+        inject_label_noise(labels, 0.1, kind='asymmetric')
+    with pytest.raises(ValueError, match="no asymmetric mapping named 'svhn'; known: 'mnist', 'cifar10'"):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping='svhn')
+    with pytest.raises(ValueError, match=r'mapping names class 12, not a class of the labels: .* \[0, 10\)'):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping={3: 12})
+    with pytest.raises(ValueError, match='mapping names class -1'):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping={-1: 3})
+    with pytest.raises(ValueError, match='flips class 4 to itself'):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping={3: 5, 4: 4})
+    with pytest.raises(ValueError, match='int class indices'):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping={'cat': 'dog'})
+    with pytest.raises(ValueError, match='non-empty dict'):
+        inject_label_noise(labels, 0.1, kind='asymmetric', mapping={})
+    for kind, mapping in (('pair', None), ('asymmetric', 'mnist')):
+        for bad in (-0.1, 1.01, float('inf')):
+            with pytest.raises(ValueError, match=r'noise_ratio must be a number in \[0, 1\]'):
+                inject_label_noise(labels, bad, kind=kind, mapping=mapping)
+    with pytest.raises(ValueError, match="exclude_true applies to kind='symmetric' only"):
+        inject_label_noise(labels, 0.1, kind='pair', exclude_true=True)
+    with pytest.raises(ValueError, match='pair noise needs at least 2 classes'):
+        inject_label_noise(torch.zeros(4, dtype=torch.long), 0.5, kind='pair')
+    # the validator a command line calls before reading any data
+    assert check_noise_kind('pair') is None
+    assert check_noise_kind('asymmetric', 'mnist') == {7: 1, 2: 7, 5: 6, 6: 5, 3: 8}
+    with pytest.raises(ValueError, match='mapping names class 9'):
+        check_noise_kind('asymmetric', 'cifar10', n_classes=5)
+
+
+def test_add_label_noise_passes_the_kind_through():
+    ds = Dataset(torch.randn(100, 2), torch.arange(10).repeat(10))
+    _, changed = add_label_noise(ds, 0.5, generator=gen(), kind='asymmetric', mapping='mnist')
+    assert int(changed.sum()) == 5 * 5 and set(ds.y[changed].tolist()) <= {1, 7, 6, 5, 8}
+    assert torch.equal(ds.y[~changed], ds.clean_targets[~changed])
+    _, changed = add_label_noise(ds, 0.2, generator=gen(), kind='pair')  # again from the clean labels
+    assert int(changed.sum()) == 20 and torch.equal(ds.y[changed], (ds.clean_targets[changed] + 1) % 10)
 
 
 # ---- add_label_noise on datasets ------------------------------------------------------------------

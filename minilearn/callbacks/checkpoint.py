@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..callback import Callback, CancelTrainException, Order, resuming
+from ..callback import Callback, CancelTrainException, Order
 from ..core import is_interactive, model_device
 from ..serialization import checkpoint_path, has_position, rank_states, save_learner, training_position
 from .metrics import AvgStatsCallback
@@ -55,7 +55,7 @@ class TrackerCallback(Callback):
 
     def begin_fit(self) -> None:
         self._check_monitor()
-        if not resuming(self.run): self.best = math.inf if self.mode == 'min' else -math.inf
+        if not self.run.position.resuming: self.best = math.inf if self.mode == 'min' else -math.inf
 
     def _current(self) -> float:
         row = self.stats.history[-1]
@@ -117,7 +117,7 @@ class EarlyStoppingCallback(TrackerCallback):
 
     def begin_fit(self) -> None:
         super().begin_fit()
-        if not resuming(self.run): self.wait, self.best_epoch = 0, None
+        if not self.run.position.resuming: self.wait, self.best_epoch = 0, None
 
     def after_epoch(self) -> None:
         value = self._current()
@@ -296,30 +296,40 @@ class CheckpointCallback(Callback):
         return self.run.n_iter // self.every_n_batches if self.every_n_batches else 0
 
     def after_batch(self) -> None:
-        run = self.run
-        if not run.in_train or run.iter + 1 >= run.iters: return  # the epoch's end is checkpointed at after_epoch
-        if not self._mid_epoch: return  # a checkpoint inside the epoch could not be resumed
-        acc = self._accumulation
-        if acc is not None and acc.n_batches: return  # mid-accumulation: gradients a checkpoint does not hold
-        due = self.every_n_batches is not None and self._batch_mark() > self._mark
-        if _distributed():
-            if not due: return  # ranks only agree on stopping at checkpoint batches (a collective)
-            stop = self._agreed_signal()
-        else:
-            stop = self._signal
+        if not self._resumable_after_batch(): return
+        due = self._batch_due()
+        stop = self._stop_requested(collective=due)
         if due or stop:
             self._mark = self._batch_mark()
             self._save()
         if stop: self._stop(stop)
 
     def after_epoch(self) -> None:
-        stop = self._agreed_signal() if _distributed() else self._signal
+        stop = self._stop_requested(collective=True)
         last = self.run.epoch + 1 >= self.run.epochs
         if self.every_epoch or (stop and not last): self._save()
         if stop and not last: self._stop(stop)  # after the last epoch the fit is over anyway
 
     def after_fit(self) -> None:
         self._restore_handlers()
+
+    # ---- the decisions after a batch ----------------------------------------------------------------
+    def _resumable_after_batch(self) -> bool:
+        """Whether a checkpoint written now continues exactly: a training batch before the epoch's last (whose end
+        after_epoch checkpoints), a training loader that can start inside an epoch, no half-accumulated gradients."""
+        run, acc = self.run, self._accumulation
+        if not run.in_train or run.iter + 1 >= run.iters or not self._mid_epoch: return False
+        return acc is None or not acc.n_batches
+
+    def _batch_due(self) -> bool:
+        """Whether `every_n_batches` training batches have passed since the last batch checkpoint."""
+        return self.every_n_batches is not None and self._batch_mark() > self._mark
+
+    def _stop_requested(self, collective: bool) -> int | None:
+        """The signal to stop on now, if any. Under DDP the ranks agree on it (a collective), only where every rank
+        calls this with `collective` (checkpoint batches, epoch ends): elsewhere none is acted on."""
+        if not _distributed(): return self._signal
+        return self._agreed_signal() if collective else None
 
     # ---- checkpoint and stop ------------------------------------------------------------------------
     def _save(self) -> None:

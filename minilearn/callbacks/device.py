@@ -19,26 +19,42 @@ def default_device() -> torch.device:
 
 
 class DeviceCallback(Callback):
-    """Move the model (and optimizer state) at `begin_fit` and each batch at `begin_batch` to `device`."""
+    """Move the model (and optimizer state) at `begin_fit` and each batch at `begin_batch` to the fit's device.
+
+    That is `device`, unless the learner's `fit_device` is already set when the fit begins (DistributedCallback,
+    which runs first, sets this process's device there); `begin_fit` sets `fit_device`, `after_fit` restores it.
+    Outside a fit (prediction) batches go to `device`.
+    """
     _order = Order.DEVICE
     for_inference = True
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else default_device()
+        self._before: list | None = None  # during a fit: the learner's fit_device before it, restored after
 
     def begin_fit(self) -> None:
-        self.run.model.to(self.device)
+        self._before = [self.run.fit_device]
+        if self.run.fit_device is None: self.run.fit_device = self.device
+        device = self.run.fit_device
+        self.run.model.to(device)
         loss_module = unwrap_loss(self.run.loss_func)
-        if isinstance(loss_module, nn.Module): loss_module.to(self.device)  # class weights etc., moved once
+        if isinstance(loss_module, nn.Module): loss_module.to(device)  # class weights etc., moved once
         opt = self.run.opt
         if opt is not None:  # state loaded from a checkpoint may still be on another device
             for state in opt.state.values():
                 for k, v in state.items():
-                    if isinstance(v, torch.Tensor) and k != 'step': state[k] = v.to(self.device)
+                    if isinstance(v, torch.Tensor) and k != 'step': state[k] = v.to(device)
 
     def begin_batch(self) -> None:
-        self.run.xb = to_device(self.run.xb, self.device)
-        self.run.yb = to_device(self.run.yb, self.device)
+        device = self.device if self.run.fit_device is None else self.run.fit_device
+        self.run.xb = to_device(self.run.xb, device)
+        self.run.yb = to_device(self.run.yb, device)
+        idx = getattr(self.run, 'idx', None)  # the items' indices follow the batch (per-item state lives there)
+        if idx is not None: self.run.idx = to_device(idx, device)
+
+    def after_fit(self) -> None:
+        if self._before is None: return  # begin_fit did not run
+        self.run.fit_device, self._before = self._before[0], None
 
 
 class CudaCallback(DeviceCallback):

@@ -14,17 +14,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-from ..callback import EVENTS, Callback, Order, flag
+from ..callback import Callback, Order
 from ..core import do_nothing, to_device
 from ..data.core import TensorLoader
 from ..data.sampler import LOADER_SETTINGS, ResumableLoader
 from .device import DeviceCallback
-from .metrics import AvgStatsCallback
 
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ['DistributedCallback', 'distrib_ctx', 'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler']
+__all__ = ['DistributedCallback', 'distrib_ctx', 'rank_distrib', 'num_distrib', 'shard_loader', 'ShardSampler',
+           'all_gather_rows']
 
 
 def num_distrib() -> int:
@@ -122,18 +122,39 @@ def _local_device(device: Any, backend: str | None) -> torch.device:
     return torch.device('cpu')
 
 
+def all_gather_rows(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    """Every rank's `t` joined along dim 0 (ranks may hold different numbers of rows, or None), on `t`'s device
+    (`device` where this rank holds none); a collective that every rank calls, exchanging on `device`."""
+    meta = None if t is None else (t.shape[0], tuple(t.shape[1:]), str(t.dtype).replace('torch.', ''))
+    metas: list = [None] * dist.get_world_size()
+    dist.all_gather_object(metas, meta)
+    known = [m for m in metas if m is not None]
+    if not known: return t
+    if any(m[1:] != known[0][1:] for m in known):
+        raise RuntimeError(f"all_gather_rows: the ranks hold rows of different shapes or dtypes "
+                           f"({sorted({m[1:] for m in known})}); every rank must give the same per-row shape")
+    trailing, dtype, device = known[0][1], getattr(torch, known[0][2]), torch.device(device)
+    rows = [0 if m is None else m[0] for m in metas]
+    padded = torch.zeros((max(rows),) + trailing, dtype=dtype, device=device)  # all_gather needs one shape
+    if t is not None: padded[:t.shape[0]] = t.to(device)
+    out = [torch.empty_like(padded) for _ in metas]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, rows)]).to(device if t is None else t.device)
+
+
 class DistributedCallback(Callback):
     """Data-parallel training over the processes of a `torchrun` launch (DistributedDataParallel).
 
     At `begin_fit`: initialises the process group from torchrun's environment if needed (NCCL on GPUs,
     gloo on CPU), moves the model to this process's device (`cuda:LOCAL_RANK` or the CPU) and wraps it
     in DistributedDataParallel, and replaces the DataLoaders by per-rank shards with the same settings
-    (`shard_loader`). Every epoch it reseeds the training sampler (`set_epoch`) and, in `after_epoch`
-    before AvgStatsCallback reads them (its `_order` is lower), combines every rank's AvgStats (`AvgStats.sync`:
-    sums and counts all-reduced, AccumMetric predictions all-gathered), so every rank reports the figures of
-    the whole dataset. On ranks other than 0 the logger does nothing
-    and every callback with `main_process_only = True` (progress, loggers) is muted; checkpoints are
-    written by rank 0 only (`learn.save`). `after_fit` restores the original model, data and logger.
+    (`shard_loader`). It sets the learner's `rank`, `world_size` and `fit_device` (DeviceCallback then moves
+    to this process's device), so AvgStatsCallback combines every rank's figures through `learn.all_reduce`
+    and `learn.all_gather_rows` and every rank reports those of the whole dataset, and the learner leaves
+    the callbacks with `main_process_only = True` (progress, loggers) to rank 0. Every epoch it reseeds the
+    training sampler (`set_epoch`). On ranks other than 0 the logger does nothing; checkpoints are
+    written by rank 0 only (`learn.save`). `after_fit` restores the learner's model, data, logger, rank,
+    world size and device.
     Without a distributed launch (WORLD_SIZE unset or 1) it does nothing, so the same script runs with
     plain `python`. The Recorder keeps each rank's own training losses.
     """
@@ -153,30 +174,22 @@ class DistributedCallback(Callback):
         self.init_process_group()
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not self.active: return
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
         self.device = _local_device(self.device_arg, self.backend)
         run = self.run
         data = copy.copy(run.data)
-        data.train_dl = shard_loader(run.data.train_dl, self.rank, self.world_size, train=True, seed=self.seed)
+        data.train_dl = shard_loader(run.data.train_dl, rank, world_size, train=True, seed=self.seed)
         if run.data.valid_dl is not None:
-            data.valid_dl = shard_loader(run.data.valid_dl, self.rank, self.world_size, train=False)
+            data.valid_dl = shard_loader(run.data.valid_dl, rank, world_size, train=False)
         model = run.model.to(self.device)
         device_ids = [self.device] if self.device.type == 'cuda' else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
-        self.saved = {'model': run.model, 'data': run.data, 'logger': run.logger,
-                      'devices': [(cb, cb.device) for cb in [run.find_cb(DeviceCallback)] if cb is not None]}
-        for cb, _ in self.saved['devices']: cb.device = self.device
-        self.move_batches = not self.saved['devices'] and self.device.type != 'cpu'
-        run.model, run.data = self.ddp, data
-        self.muted = [] if self.rank == 0 else [self._mute(cb) for cb in run.cbs if flag(cb, 'main_process_only')]
-        if self.rank != 0: run.logger = do_nothing
-
-    def _mute(self, cb: Callback) -> tuple[Callback, dict]:
-        # Handlers are looked up on the instance at each event, so instance attributes silence them.
-        shadowed = {e: vars(cb)[e] for e in EVENTS if e in vars(cb)}
-        for event in EVENTS:
-            if callable(getattr(type(cb), event, None)) or event in shadowed: setattr(cb, event, do_nothing)
-        return cb, shadowed
+        self.saved = {'model': run.model, 'data': run.data, 'logger': run.logger, 'fit_device': run.fit_device,
+                      'rank': run.rank, 'world_size': run.world_size}
+        self.move_batches = run.find_cb(DeviceCallback) is None and self.device.type != 'cpu'
+        run.model, run.data, run.fit_device = self.ddp, data, self.device
+        run.rank, run.world_size = rank, world_size  # from the next callback on, main_process_only ones wait
+        if rank != 0: run.logger = do_nothing
 
     def begin_epoch(self) -> None:
         if not self.active: return
@@ -187,6 +200,7 @@ class DistributedCallback(Callback):
     def begin_batch(self) -> None:
         if not self.active or not self.move_batches: return
         self.run.xb, self.run.yb = to_device(self.run.xb, self.device), to_device(self.run.yb, self.device)
+        self.run.idx = to_device(self.run.idx, self.device)
 
     def begin_validate(self) -> None:
         if not self.active: return
@@ -196,21 +210,12 @@ class DistributedCallback(Callback):
             for buffer in self.ddp.module.buffers(): dist.broadcast(buffer.data, src=0)
         self.ddp.require_forward_param_sync = False
 
-    def after_epoch(self) -> None:
-        if not self.active: return
-        stats = self.run.find_cb(AvgStatsCallback)
-        if stats is None: return
-        for s in (stats.train_stats, stats.valid_stats): s.sync(self.device)
-
     def after_fit(self) -> None:
         if self.saved is None: return  # begin_fit did not wrap anything
         saved, self.saved, self.active = self.saved, None, False
-        for cb, shadowed in self.muted:
-            for event in EVENTS: vars(cb).pop(event, None)
-            vars(cb).update(shadowed)
-        self.muted = []
-        for cb, device in saved['devices']: cb.device = device
-        self.run.model, self.run.data, self.run.logger = saved['model'], saved['data'], saved['logger']
+        run = self.run
+        run.model, run.data, run.logger = saved['model'], saved['data'], saved['logger']
+        run.fit_device, run.rank, run.world_size = saved['fit_device'], saved['rank'], saved['world_size']
         self.ddp = None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..core import is_main_process, optional_import
-from ..callback import Callback, Order, resuming
+from ..callback import Callback, Order
 from .metrics import AvgStatsCallback
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
@@ -27,7 +27,7 @@ class CSVLogger(Callback):
 
     The file is flushed after every epoch, so an interrupted run keeps the epochs it finished.
     `append=True` adds rows to an existing file (whose header must match); so does resuming a fit
-    (`start_epoch > 0`).
+    (`learn.position.resuming`: `start_epoch > 0`, or `resume=` a checkpoint).
     """
     _order = Order.LOGGER
     main_process_only = True
@@ -47,7 +47,7 @@ class CSVLogger(Callback):
         self.columns = _history_source(self.run, 'CSVLogger').metric_names
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        append = self.append or resuming(self.run)
+        append = self.append or self.run.position.resuming
         has_rows = append and path.is_file() and path.stat().st_size > 0
         if has_rows: self._check_header(path)
         self.file = open(path, 'a' if append else 'w', newline='')

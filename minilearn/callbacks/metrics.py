@@ -16,10 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..core import batch_size, callable_name, listify
-from ..callback import Callback, resuming
+from ..callback import Callback
 from ..metrics import _balanced_accuracy, _score, _top_k_accuracy, accuracy  # accuracy: re-exported
 
 __all__ = ['accuracy', 'AccumMetric', 'top_k_accuracy', 'balanced_accuracy', 'f1_score', 'precision_score',
@@ -85,8 +84,8 @@ class AccumMetric:
     For F1, precision/recall, balanced accuracy, AUROC...: the mean of per-batch values is not the value on the
     epoch. Predictions stay on their device (no host read per batch); `to_cpu=True` keeps them in host memory
     instead (copied from CUDA without waiting). `activation` is None, 'softmax', 'sigmoid', 'argmax' (over
-    dim 1) or a function, applied once to the joined predictions. Under DistributedDataParallel the
-    predictions of every rank are gathered before `func` runs (`all_gather`, called by DistributedCallback).
+    dim 1) or a function, applied once to the joined predictions. In a distributed fit the predictions of
+    every rank are gathered before `func` runs (`all_gather`, called by `AvgStats.sync`).
     Has torchmetrics' protocol (`update`, `compute`, `reset`); `AvgStats` works on its own copy.
     """
 
@@ -143,11 +142,12 @@ class AccumMetric:
         activation = _ACTIVATIONS[self.activation] if isinstance(self.activation, str) else self.activation
         return self.func(preds if activation is None else activation(preds), targets)
 
-    def all_gather(self, device: torch.device | str | None = None) -> None:
-        """Replace the kept predictions and targets by those of every rank of torch.distributed (collective)."""
+    def all_gather(self, gather: Callable[[torch.Tensor | None], torch.Tensor | None]) -> None:
+        """Replace the kept predictions and targets by those of every process, joined by `gather`
+        (`learn.all_gather_rows`, a collective)."""
         preds, targets = self._joined()
-        home = torch.device('cpu') if self.to_cpu else None
-        preds, targets = _all_gather_rows(preds, device, home), _all_gather_rows(targets, device, home)
+        preds, targets = gather(preds), gather(targets)
+        if self.to_cpu and preds is not None: preds, targets = preds.cpu(), targets.cpu()
         self.preds, self.targets = ([], []) if preds is None else ([preds], [targets])
 
     def state_dict(self) -> dict:
@@ -163,27 +163,6 @@ class AccumMetric:
 
     def __repr__(self) -> str:
         return f'AccumMetric({metric_name(self.func)}, name={self.__name__!r})'
-
-
-def _all_gather_rows(t: torch.Tensor | None, device: Any, home: torch.device | None) -> torch.Tensor | None:
-    """Every rank's `t` joined along dim 0 (ranks may hold different numbers of rows, or none)."""
-    meta = None if t is None else (t.shape[0], tuple(t.shape[1:]), str(t.dtype).replace('torch.', ''))
-    metas: list = [None] * dist.get_world_size()
-    dist.all_gather_object(metas, meta)
-    known = [m for m in metas if m is not None]
-    if not known: return t
-    if any(m[1:] != known[0][1:] for m in known):
-        raise RuntimeError(f"AccumMetric: the ranks kept predictions or targets of different shapes or dtypes "
-                           f"({sorted({m[1:] for m in known})}); every rank must give the same per-item shape")
-    trailing, dtype = known[0][1], getattr(torch, known[0][2])
-    device = torch.device(device) if device is not None else (t.device if t is not None else torch.device('cpu'))
-    rows = [0 if m is None else m[0] for m in metas]
-    padded = torch.zeros((max(rows),) + trailing, dtype=dtype, device=device)  # all_gather needs one shape
-    if t is not None: padded[:t.shape[0]] = t.to(device)
-    out = [torch.empty_like(padded) for _ in metas]
-    dist.all_gather(out, padded)
-    home = home if home is not None else (t.device if t is not None else device)
-    return torch.cat([o[:n] for o, n in zip(out, rows)]).to(home)
 
 
 def _metric_factory(func: Callable) -> Callable:
@@ -285,7 +264,6 @@ class AvgStats:
             raise ValueError(f"two metrics are named {twice[0]!r} (one column each): give one another name, "
                              f"e.g. AccumMetric(func, name=...)")
         self._devices: list = [None] * len(self.metrics)
-        self._restored, self._next_iter = False, 0  # a loaded pass, and the loop's index of its next batch
         self.reset()
 
     def reset(self) -> None:
@@ -293,13 +271,13 @@ class AvgStats:
         self.count, self.n_batches, self._tot_loss = 0, 0, 0.
         self._tot_avg = [0.] * self._epoch.count(False)  # sums of the averaged metrics
         self._pending: list[tuple[int, Any, list]] = []  # (batch size, loss, averaged metric values) not summed yet
-        self._restored = False
+        self._loaded = False  # sums restored on the CPU by load_state_dict: moved to the next batch's device
         for m, is_epoch in zip(self.metrics, self._epoch):
             if is_epoch: m.reset()
 
     def accumulate(self, run: Any) -> None:
         """Add the current batch (`run.loss`, `run.pred`, `run.yb`); no host synchronisation."""
-        if self._restored: self._continue(run)
+        if self._loaded: self._to_device(run.loss)
         bn = batch_size(run.xb, run.yb)
         self.count += bn
         self.n_batches += 1
@@ -320,14 +298,10 @@ class AvgStats:
                     self.metrics[i] = metric = moved
         metric.update(pred, yb)
 
-    def _continue(self, run: Any) -> None:
-        # First batch after load_state_dict: the loop continues the saved pass at its next batch (an exact
-        # resume), or starts it again (then the saved part is dropped). The sums follow the batches' device.
-        self._restored = False
-        if getattr(run, 'iter', None) != self._next_iter:
-            self.reset()
-            return
-        device = getattr(run.loss, 'device', None)
+    def _to_device(self, loss: Any) -> None:
+        # First batch after load_state_dict: the loaded sums follow the batches' device.
+        self._loaded = False
+        device = getattr(loss, 'device', None)
         if device is None: return
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
         self._tot_loss, self._tot_avg = move(self._tot_loss), [move(v) for v in self._tot_avg]
@@ -383,47 +357,42 @@ class AvgStats:
         prefix = 'train' if self.in_train else 'valid'
         return [f'{prefix}_loss'] + [f'{prefix}_{metric_name(m)}' for m in self.metrics]
 
-    def sync(self, device: torch.device | str | None = None) -> None:
-        """Make this pass that of every rank of torch.distributed: counts and sums all-reduced, AccumMetric
-        predictions all-gathered (collectives, once per epoch; DistributedCallback calls it). Other
-        whole-pass metrics synchronise themselves in `compute()`, as torchmetrics' do."""
+    def sync(self, run: Any) -> None:
+        """Make this pass that of every process of `run`'s fit: counts and sums summed (`run.all_reduce`),
+        AccumMetric predictions gathered (`run.all_gather_rows`); collectives, once per epoch (AvgStatsCallback
+        calls them). Other whole-pass metrics synchronise themselves in `compute()`, as torchmetrics' do."""
         values = [self.count, self.tot_loss, *self._tot_avg]
-        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
-        dist.all_reduce(flat)
-        totals = flat.tolist()  # once per epoch
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(run.fit_device).reshape(()) for v in values])
+        totals = run.all_reduce(flat).tolist()  # once per epoch
         self.count, self._tot_loss, self._tot_avg = int(totals[0]), totals[1], totals[2:]
         for m in self.metrics:
-            if isinstance(m, AccumMetric): m.all_gather(device)
+            if isinstance(m, AccumMetric): m.all_gather(run.all_gather_rows)
 
-    def state_dict(self, next_iter: int | None = None) -> dict:
+    def state_dict(self) -> dict:
         """The pass so far (counts, sums, the values not summed yet, whole-pass metrics' states), on the CPU.
-
-        `next_iter` is the loop's index of the pass's next batch (by default the number of batches seen; more
-        when a batch was cancelled before its loss): a resume that starts there continues the pass.
 
         The values not summed yet are kept as they are, so a resumed pass sums them in the same order as an
         uninterrupted one (bit-identical figures). A whole-pass metric other than AccumMetric is saved through its
         own `state_dict()` when it has one (torchmetrics: only states made persistent, `metric.persistent(True)`).
         """
         return {'count': self.count, 'n_batches': self.n_batches,
-                'next_iter': self.n_batches if next_iter is None else int(next_iter),
                 'tot_loss': _to_host(self._tot_loss), 'tot_avg': [_to_host(v) for v in self._tot_avg],
                 'pending': [[bn, _to_host(loss), [_to_host(v) for v in values]] for bn, loss, values in self._pending],
                 'metrics': [m.state_dict() if is_epoch and callable(getattr(m, 'state_dict', None)) else None
                             for m, is_epoch in zip(self.metrics, self._epoch)]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned; the next batch continues that pass if it is its next batch."""
+        """Restore what `state_dict` returned: the next batch continues that pass."""
         if len(state['metrics']) != len(self.metrics) or len(state['tot_avg']) != len(self._tot_avg):
             raise ValueError(f"the saved statistics have {len(state['metrics'])} metrics, this AvgStats has "
                              f"{len(self.metrics)} ({', '.join(self.names[1:])}): build it with the same metrics")
         self.reset()
         self.count, self.n_batches, self._tot_loss = int(state['count']), int(state['n_batches']), state['tot_loss']
-        self._tot_avg, self._next_iter = list(state['tot_avg']), int(state.get('next_iter', state['n_batches']))
+        self._tot_avg = list(state['tot_avg'])
         self._pending = [(int(bn), loss, list(values)) for bn, loss, values in state['pending']]
         for m, saved in zip(self.metrics, state['metrics']):
             if saved is not None and callable(getattr(m, 'load_state_dict', None)): m.load_state_dict(saved)
-        self._restored = True
+        self._loaded = True
 
     def __repr__(self) -> str:
         if not self.count: return ''
@@ -436,16 +405,15 @@ class AvgStatsCallback(Callback):
     `metrics` are functions `metric(pred, yb)` averaged over the items (`accuracy`), or objects with
     torchmetrics' `update`/`compute`/`reset` computed over the whole pass (`AccumMetric`, `f1_score()`,
     `balanced_accuracy()`, `top_k_accuracy(k)`, torchmetrics metrics). A checkpoint taken inside an epoch
-    (`state_dict()` between `begin_epoch` and `after_epoch`) holds the epoch's passes so far, which a resume
-    of that epoch continues exactly; at an epoch boundary only `history` is saved.
+    (`state_dict()` between `begin_epoch` and `after_epoch`) holds the epoch's passes so far, which a fit resumed
+    inside that epoch (`learn.position`) continues exactly; at an epoch boundary only `history` is saved.
     """
     run_during_lr_find = False
 
     def __init__(self, metrics: Any = None):
         self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)
         self.history: list[dict] = []
-        self._open_epoch: int | None = None  # the epoch under way, between begin_epoch and after_epoch
-        self._partial: dict | None = None  # a loaded mid-epoch state, continued by begin_epoch of its epoch
+        self._in_epoch = False  # between begin_epoch and after_epoch: a checkpoint holds the passes so far
 
     @property
     def metric_names(self) -> list[str]:
@@ -453,18 +421,14 @@ class AvgStatsCallback(Callback):
         return ['epoch'] + self.train_stats.names + self.valid_stats.names + ['time']
 
     def begin_fit(self) -> None:
-        if not resuming(self.run): self.history = []  # resuming keeps the loaded history
+        if not self.run.position.resuming: self.history = []  # resuming keeps the loaded history
         self.run.logger(self.metric_names)
 
     def begin_epoch(self) -> None:
-        partial, self._partial = self._partial, None
-        if partial is not None and partial['epoch'] == self.run.epoch:
-            self.train_stats.load_state_dict(partial['train'])
-            self.valid_stats.load_state_dict(partial['valid'])
-        else:
+        if not self.run.position.done_in(self.run.epoch):  # else the fit resumes inside it: the loaded passes go on
             self.train_stats.reset()
             self.valid_stats.reset()
-        self._open_epoch = self.run.epoch
+        self._in_epoch = True
         self.start_time = time.time()
 
     def after_loss(self) -> None:
@@ -473,29 +437,35 @@ class AvgStatsCallback(Callback):
 
     def after_epoch(self) -> None:
         elapsed = time.time() - self.start_time
+        if self.run.world_size > 1:  # every process reports the figures of the whole dataset
+            for stats in (self.train_stats, self.valid_stats): stats.sync(self.run)
         has_valid = self.run.data.valid_dl is not None
         values = self.train_stats.avg_stats + (self.valid_stats.avg_stats if has_valid
                                                else [None] * len(self.valid_stats.names))
         row = {'epoch': self.run.epoch, **dict(zip(self.metric_names[1:-1], values)), 'time': elapsed}
         self.history.append(row)
-        self._open_epoch = None
+        self._in_epoch = False
         self.run.logger([str(self.run.epoch)] + ['-' if v is None else f'{v:.6f}' for v in values]
                         + [format_time(elapsed)])
 
     def after_fit(self) -> None:
-        self._open_epoch = None
+        self._in_epoch = False
 
     def state_dict(self) -> dict:
         """`history`, and inside an epoch the passes so far (sums, AccumMetric predictions) for an exact resume."""
         state: dict = {'history': [dict(r) for r in self.history]}
-        if self._open_epoch is not None:
-            run = self.run
-            next_iter = run.iter + 1 if run.in_train else None  # the batch a checkpoint written now resumes at
-            state['partial'] = {'epoch': self._open_epoch, 'train': self.train_stats.state_dict(next_iter),
+        if self._in_epoch:
+            state['partial'] = {'epoch': self.run.epoch, 'train': self.train_stats.state_dict(),
                                 'valid': self.valid_stats.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned; a mid-epoch part is continued when that epoch begins again."""
+        """Restore what `state_dict` returned: `history`, and the passes (empty at an epoch boundary)."""
+        partial = state.get('partial')
+        if partial is not None:
+            self.train_stats.load_state_dict(partial['train'])
+            self.valid_stats.load_state_dict(partial['valid'])
+        else:
+            self.train_stats.reset()
+            self.valid_stats.reset()
         self.history = [dict(r) for r in state['history']]
-        self._partial = state.get('partial')

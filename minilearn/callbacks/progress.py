@@ -52,7 +52,7 @@ class ProgressCallback(Callback):
             # display in a notebook's saved output. It starts at 0 (fastprogress times from there), then moves
             # to where a resumed fit starts.
             self.mbar.update(0)
-            if self.run.start_epoch: self.mbar.update(self.run.start_epoch)
+            if self.run.position.epoch: self.mbar.update(self.run.position.epoch)
         else:
             self.mbar = _PlainMasterBar()
         self.old_logger = self.run.logger

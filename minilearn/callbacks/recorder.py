@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..callback import Callback, resuming
+from ..callback import Callback
 from .metrics import AvgStatsCallback
 
 __all__ = ['Recorder', 'smooth_ema', 'suggest_lr']
@@ -111,7 +111,7 @@ class Recorder(Callback):
         self.epoch_ends: list[int] = []  # training batches done at the end of each epoch (the plots' epoch marks)
 
     def begin_fit(self) -> None:
-        if resuming(self.run) and len(self._loaded_losses): return  # resuming: keep the loaded record
+        if self.run.position.resuming and len(self._loaded_losses): return  # resuming: keep the loaded record
         groups = self.run.opt.param_groups
         self.hypers = {name: [[] for _ in groups] for name in _scalar_hypers(groups[0])}
         self._losses, self._loaded_losses, self._valid, self.epoch_ends = [], torch.zeros(0), [], []

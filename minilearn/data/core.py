@@ -43,7 +43,8 @@ class TensorLoader:
     """Batches `(x[idx], y[idx])` of two tensors in memory, one index-gather per batch; a DataLoader's interface.
 
     uint8 inputs come out as float32 in [0, 1] (what `to_float_tensor` gives), converted after the gather,
-    on the tensors' device. Shuffled orders come from a torch.Generator seeded with `seed + epoch`: epoch e's
+    on the tensors' device. `last_idx` is the dataset indices of the batch yielded last, on that device (the
+    learner's `idx`). Shuffled orders come from a torch.Generator seeded with `seed + epoch`: epoch e's
     order depends on nothing else. Implements the resumable loader protocol (`state_dict`, `load_state_dict`,
     `set_epoch`) and DDP sharding (`shard`): rank r of w reads items r, r+w, ... of the epoch's order, the
     training order padded (as DistributedSampler pads) so every rank runs the same number of steps.
@@ -68,6 +69,7 @@ class TensorLoader:
         self._iter_epoch: int | None = None  # the epoch being iterated, and how many of its batches were yielded
         self._done = 0
         self._current: object | None = None  # the iteration those describe
+        self.last_idx: torch.Tensor | None = None  # dataset indices of the batch yielded last (learn.idx)
 
     @property
     def x(self) -> torch.Tensor:
@@ -113,6 +115,7 @@ class TensorLoader:
                 xb = x[batch_idx]  # advanced indexing keeps channels-last strides (index_select does not)
                 if xb.dtype == torch.uint8: xb = xb.float().div_(255.)
                 if self._current is token: self._done = b + 1
+                self.last_idx = batch_idx
                 yield xb, y[batch_idx]
         finally:
             # Finished, or dropped after a few batches: the position is the next epoch's start (as ResumableLoader).

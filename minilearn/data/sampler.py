@@ -132,7 +132,8 @@ class ResumableLoader(DataLoader):
     `state_dict()` between batches gives the position (seed, epoch, batches done); after `load_state_dict`
     the next iteration yields the rest of that epoch without loading the batches done, and later epochs are
     the ones an uninterrupted run reads. Worker processes get seeds drawn from `seed + epoch` (not from
-    torch's global generator). `len` is always the whole epoch's number of batches. Other keyword arguments
+    torch's global generator). `last_idx` is the dataset indices (CPU) of the batch yielded last (the learner's
+    `idx`), read from the epoch's order, so worker processes do not change it. `len` is always the whole epoch's number of batches. Other keyword arguments
     go to DataLoader; `generator`, when given, only draws the seed.
     """
 
@@ -149,14 +150,17 @@ class ResumableLoader(DataLoader):
         self._iter_epoch: int | None = None  # the epoch being read, and how many of its batches were yielded
         self._done = 0
         self._current: object | None = None  # the iteration those describe
+        self.last_idx: torch.Tensor | None = None  # dataset indices of the batch yielded last (learn.idx)
 
     def __iter__(self) -> Iterator[Any]:
         sampler, token = self.sampler, object()
         self._iter_epoch, self._done, self._current = sampler.epoch, sampler.start // self.batch_size, token
         self.generator.manual_seed((sampler.seed + sampler.epoch) ^ 0x5DEECE66D)  # the workers' base seed
+        order, done, bs = sampler.order(sampler.epoch), self._done, self.batch_size  # the order the sampler yields
         try:
             for batch in super().__iter__():
                 if self._current is token: self._done += 1
+                self.last_idx, done = order[done * bs:(done + 1) * bs], done + 1
                 yield batch
         finally:
             # Finished, or dropped after a few batches: the sampler has moved on, so the position is the next
