@@ -8,6 +8,7 @@ printed (`pytest -s`); the budget (under 3 minutes each on 2 CPU cores) is not a
 """
 from __future__ import annotations
 
+import configparser
 import json
 import re
 import sys
@@ -42,6 +43,35 @@ def _read(path: Path):
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {'00_quickstart.ipynb', '10b_mixup_label_smoothing.ipynb', 'noisy_labels.ipynb'} <= names, names
+
+
+SETUP_CFG = NBS_DIR.parent / 'setup.cfg'
+# distribution of an imported module, where the names differ
+DISTRIBUTIONS = {'PIL': 'pillow', 'sklearn': 'scikit-learn', 'torchvision': 'torchvision'}
+# what a notebook reaches through a minilearn call (text in its code -> the distribution that call imports)
+REACHED_THROUGH_MINILEARN = {'find_label_issues(labels=': 'cleanlab', 'TensorBoardCallback': 'tensorboard'}
+
+
+def _requirements(text: str) -> set[str]:
+    return {re.split(r'[<>=!~\[; ]', line.strip())[0].lower() for line in text.splitlines() if line.strip()}
+
+
+def test_the_notebooks_extra_installs_what_the_notebooks_need():
+    """`pip install -e ".[notebooks]"` (what the README says) is enough to run every notebook without a warning."""
+    cfg = configparser.ConfigParser()
+    cfg.read(SETUP_CFG)
+    installed = _requirements(cfg['options']['install_requires'])
+    extras = {name: _requirements(value) for name, value in cfg['options.extras_require'].items()}
+    # a front end, a kernel, and widgets: without them tqdm.auto bars (cleanlab's) print a TqdmWarning box
+    assert {'jupyterlab', 'ipykernel', 'ipywidgets'} <= extras['notebooks']
+    for path in NOTEBOOKS:
+        code = '\n'.join(c.source for c in _read(path).cells if c.cell_type == 'code')
+        modules = set(re.findall(r'^\s*(?:from|import)\s+(\w+)', code, flags=re.M)) - set(sys.stdlib_module_names)
+        needed = {DISTRIBUTIONS.get(m, m).lower() for m in modules - {'minilearn'}}
+        needed |= {dist for text, dist in REACHED_THROUGH_MINILEARN.items() if text in code}
+        assert needed <= installed | extras['notebooks'], f"{path.name} needs {needed - installed - extras['notebooks']}"
+        assert needed <= installed | extras['dev'], f"the tests run {path.name}: the dev extra needs them too"
+    assert extras['notebooks'] - {'jupyterlab'} <= extras['dev']
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -98,6 +128,9 @@ def test_notebook_runs(path: Path, kernel_of_this_interpreter: Path):
     assert any('image/png' in o.get('data', {}) for c in executed for o in c.outputs), "no figure was drawn"
     stale = {i: stale_bars(c) for i, c in enumerate(executed) if stale_bars(c)}
     assert not stale, f"saved outputs show progress bars short of their end (code cell: bars): {stale}"
+    warned = [o['text'] for c in executed for o in c.outputs
+              if o.get('output_type') == 'stream' and o.get('name') == 'stderr' and 'Warning' in o.get('text', '')]
+    assert not warned, f"the notebook shows warning boxes: {warned}"
     assert sorted(p.name for p in NBS_DIR.iterdir()) == before, "the notebook wrote files into nbs/"
 
 
