@@ -25,8 +25,8 @@ from .train_spec import (CHECKPOINT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KIND
 __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 
 # The default run (shapes, 10,000 training and 2,500 validation images, 8 epochs of one-cycle up to lr 0.1)
-# needs about 25 s of one CPU core and reaches 87.9 % validation accuracy (86.6-88.9 % over seeds 0-2; a
-# constant lr 0.02 gives 74.2-78.3 %, its last epoch at the mercy of noise): well above chance (10 %), not solved.
+# needs about 25 s of one CPU core and reaches 86-90 % validation accuracy over seeds 0-2 (README; a constant
+# lr 0.02 gives 74-79 %, its last epoch at the mercy of noise): well above chance (10 %), not solved.
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 0.1
 DEFAULT_BS = 64

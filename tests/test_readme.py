@@ -109,6 +109,12 @@ def _run(source: str, namespace: dict, where: str) -> dict:
     return namespace
 
 
+def test_accuracy_figures_are_ranges_not_one_machine_s_decimal():
+    text = README.read_text()
+    assert not re.search(r"prints `valid accuracy \d+\.\d%`", text)  # one run's decimal, as if every install gave it
+    assert 'over seeds 0–2' in text and 'threads' in text
+
+
 def test_every_marker_names_one_block():
     for marker in {*GIVEN, *SMALLER, *CONTINUES, *CONTINUES.values()}:
         assert sum(marker in src for _, src in BLOCKS) == 1, f"{marker!r} matches no README block, or several"
