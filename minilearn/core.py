@@ -15,7 +15,7 @@ from fastprogress.fastprogress import IN_NOTEBOOK
 
 __all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process', 'check_positive', 'batch_size',
            'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive',
-           'optional_import', 'lr_range']
+           'optional_import', 'lr_range', 'TablePrinter']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -93,6 +93,24 @@ def callable_name(f: Any) -> str:
 
 def do_nothing(*args: Any, **kwargs: Any) -> None:
     """A logger (or handler) that does nothing: `--quiet`, and ranks other than 0."""
+
+
+class TablePrinter:
+    """A learner's default logger: prints a logged list as a row of an aligned table, anything else as it is.
+
+    The first list (the column names) sets each column's width; a list of another length starts a new table.
+    """
+
+    def __init__(self) -> None:
+        self.widths: list[int] | None = None
+
+    def __call__(self, line: Any) -> None:
+        if not isinstance(line, (list, tuple)):
+            print(line, flush=True)
+            return
+        if self.widths is None or len(self.widths) != len(line):
+            self.widths = [max(len(str(cell)), 8) for cell in line]
+        print('  '.join(str(cell).ljust(w) for cell, w in zip(line, self.widths)).rstrip(), flush=True)
 
 
 def is_interactive(stream: Any = None) -> bool:

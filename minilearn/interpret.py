@@ -34,11 +34,12 @@ def _image_for_display(x: torch.Tensor, stats: tuple | None) -> tuple[torch.Tens
     return (x[0], 'gray') if x.shape[0] == 1 else (x.permute(1, 2, 0), None)
 
 
-def _grid(n: int, figsize_per: float = 2.5):
+def _grid(n: int, figsize_per: float = 2.5, figsize: tuple | None = None):
     import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * figsize_per, rows * figsize_per), squeeze=False)
+    figsize = figsize or (cols * figsize_per, rows * figsize_per)
+    fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
     axes = axes.flatten()
     for ax in axes: ax.axis('off')
     return fig, axes
@@ -57,14 +58,14 @@ def _head_loader(dl: Any, n: int) -> Any:
     return DataLoader(subset, batch_size=dl.batch_size or n, shuffle=False, collate_fn=dl.collate_fn)
 
 
-def show_results(learn: Any, n: int = 9, dl: Any = None):
+def show_results(learn: Any, n: int = 9, dl: Any = None, figsize: tuple | None = None):
     """A grid of the first `n` validation images titled predicted/actual (green when right); returns the figure."""
     dl = learn.data.valid_dl if dl is None else dl
     _check_loader(dl)
     inputs, preds, targets = _run_loader(learn, _head_loader(dl, n), with_input=True)
     vocab, stats = getattr(learn.data, 'vocab', None), norm_stats(learn)
     n = min(n, len(preds))
-    fig, axes = _grid(n)
+    fig, axes = _grid(n, figsize=figsize)
     for i, ax in enumerate(axes[:n]):
         image, cmap = _image_for_display(inputs[i], stats)
         ax.imshow(image.numpy(), cmap=cmap)
@@ -124,13 +125,13 @@ class ClassificationInterpretation:
         k = len(self.losses) if k is None else min(k, len(self.losses))
         return self.losses.topk(k, largest=largest)
 
-    def plot_confusion_matrix(self, normalize: bool = False, cmap: str = 'Blues'):
+    def plot_confusion_matrix(self, normalize: bool = False, cmap: str = 'Blues', figsize: tuple | None = None):
         """The confusion matrix with class names and counts (row-normalized fractions with `normalize`); a Figure."""
         import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
         cm = self.confusion_matrix().float()
         if normalize: cm = cm / cm.sum(1, keepdim=True).clamp_min(1)
         size = max(4., 0.6 * self.n_classes + 2)
-        fig, ax = plt.subplots(figsize=(size, size))
+        fig, ax = plt.subplots(figsize=figsize or (size, size))
         ax.imshow(cm.numpy(), interpolation='nearest', cmap=cmap)
         ticks = range(self.n_classes)
         ax.set_xticks(ticks, self.class_names, rotation=90)
@@ -143,15 +144,16 @@ class ClassificationInterpretation:
                         color='white' if value > threshold else 'black')
         ax.set_xlabel('Predicted')
         ax.set_ylabel('Actual')
-        ax.set_title('Confusion matrix')
+        ax.set_title('Confusion matrix, normalized: fraction of each actual class' if normalize
+                     else 'Confusion matrix: counts')
         fig.tight_layout()
         return fig
 
-    def plot_top_losses(self, k: int = 9, largest: bool = True):
+    def plot_top_losses(self, k: int = 9, largest: bool = True, figsize: tuple | None = None):
         """The `k` items with the top losses, titled predicted/actual/loss/probability of the prediction; a Figure."""
         if self.inputs is None: raise ValueError("plot_top_losses needs the inputs (build with from_learner)")
         losses, indices = self.top_losses(k, largest=largest)
-        fig, axes = _grid(len(indices), figsize_per=3.)
+        fig, axes = _grid(len(indices), figsize_per=3., figsize=figsize)
         for ax, loss, i in zip(axes, losses.tolist(), indices.tolist()):
             image, cmap = _image_for_display(self.inputs[i], self.norm_stats)
             ax.imshow(image.numpy(), cmap=cmap)

@@ -18,7 +18,7 @@ from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import constant_lr, fine_tune, fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
-from .core import check_positive, listify, lr_range
+from .core import TablePrinter, check_positive, listify, lr_range
 from .export import export_learner
 from .freeze import freeze, freeze_to, unfreeze
 from .inference import get_preds, predict, show_results, summary, tta
@@ -114,7 +114,7 @@ class Learner:
         self.model, self.data, self.loss_func, self.opt_func = model, data, loss_func, opt_func
         self.lr, self.splitter = lr, splitter or param_getter
         self.path, self.model_dir = Path(path), model_dir
-        self.opt, self.logger, self.grad_scaler = None, print, None
+        self.opt, self.logger, self.grad_scaler = None, TablePrinter(), None
         self.frozen_idx = 0  # parameter groups before this index do not train (see `freeze_to`)
         self.in_train, self.dl, self.fit_device, self.rank, self.world_size = False, None, None, 0, 1
         self.xb = self.yb = self.idx = self.pred = self.loss = None
@@ -487,15 +487,19 @@ class Learner:
         """Test-time augmentation: blend plain predictions with the mean of `n` augmented passes."""
         return tta(self, dl=dl, n=n, beta=beta, tfm=tfm)
 
-    def show_results(self, n: int = 9):
+    def show_results(self, n: int = 9, figsize: tuple | None = None):
         """A grid of validation images with predicted vs actual labels; returns the figure."""
-        return show_results(self, n=n)
+        return show_results(self, n=n, figsize=figsize)
+
+    def show_batch(self, n: int = 9, valid: bool = False, **kwargs: Any):
+        """A grid of `n` images of one training (or validation) batch, with their class names; returns the figure."""
+        return self.data.show_batch(n=n, valid=valid, **kwargs)
 
     def summary(self) -> str:
         """Per-layer output shapes and parameter counts, optimizer, loss and callbacks."""
         return summary(self)
 
-    def export(self, path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
+    def export(self, path: str | Path = 'export.pt2', arch: str | None = None, arch_kwargs: dict | None = None) -> Path:
         """Write a pickle-free inference artefact (`.pt2` program plus a JSON of settings); see `export_learner`."""
         return export_learner(self, path, arch=arch, arch_kwargs=arch_kwargs)
 

@@ -114,6 +114,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Learner, dict]:
     if args.checkpoint_every is not None and args.resume is None: _write_run_options(args)
     data_info.update(n_train=len(data.train_ds), n_valid=len(data.valid_ds) if data.valid_dl is not None else 0,
                      n_classes=data.c_out, vocab=[str(v) for v in data.vocab] if data.vocab else None)
+    data_info['split'] = _split_text(data_info, args)
     return learn, _start_report(args, data_info, noise, device, model, time.time() - start)
 
 
@@ -184,12 +185,27 @@ def _build_data(args: argparse.Namespace) -> tuple[DataBunch, dict]:
         has_train = any(args.data.glob('train-images*idx3-ubyte*'))
         data = mnist_databunch(args.data, args.bs, n_per_class=args.n_per_class,
                                split_test=None if has_train else 0.2, **cache_kwargs)
+        if not has_train: return data, {'source': kind, 'path': str(args.data), 't10k_only': True}
     else:
         tfms = [make_rgb, ResizeFixed(args.size), to_byte_tensor, to_float_tensor]
         sd = label_image_folder(args.data, tfms=tfms, train_name='train', valid_name=valid_folder(args.data),
                                 n_per_class=args.n_per_class)
         data = sd.to_databunch(args.bs, c_in=3, **cache_kwargs)
     return data, {'source': kind, 'path': str(args.data)}
+
+
+def _split_text(info: dict, args: argparse.Namespace) -> str:
+    """What trains and what validates, in words, for the summary and metrics.json."""
+    n_train, n_valid = f"{info['n_train']:,}", f"{info['n_valid']:,}"
+    if info['source'] == 'shapes': return f"{n_train} generated training images, {n_valid} validation images"
+    if info['source'] == 'cifar10':
+        return f"{n_train} images of data_batch_1-5 train; all {n_valid} images of test_batch validate"
+    if info['source'] == 'mnist':
+        if info.get('t10k_only'):
+            return (f"the folder holds only the t10k (test) files: its first {n_train} images train and the last "
+                    f"{n_valid} validate")
+        return f"{n_train} train-images train; all {n_valid} t10k (test) images validate"
+    return f"{n_train} images of train/ train; {n_valid} images of {valid_folder(args.data)}/ validate"
 
 
 def _add_noise(args: argparse.Namespace, data: DataBunch, generator: torch.Generator) -> dict | None:
@@ -320,4 +336,5 @@ def _summary(report: dict, out: Path) -> str:
     shown = 'n/a' if accuracy is None or not math.isfinite(accuracy) else f'{accuracy:.1%}'
     return (f"minilearn train: valid accuracy {shown} (chance {report['chance_accuracy']:.1%}) after "
             f"{report['epochs']} epochs; training took {fit_time:.1f} s on {report['device']}\n"
+            f"data: {report['data']['split']}\n"
             f"outputs in {out}/: " + ', '.join(report['files'].values()))

@@ -52,7 +52,8 @@ def test_default_job_writes_plots_checkpoint_and_metrics(tmp_path, capsys):
     assert math.isfinite(final['train_loss']) and math.isfinite(final['valid_loss'])
     assert f"{metrics['accuracy']:.1%}" in printed.out  # the summary shows the final accuracy
     assert metrics['data'] == {'source': 'shapes', 'path': None, 'n_train': 200, 'n_valid': 100, 'n_classes': 10,
-                               'vocab': list(SHAPE_NAMES[:10])}
+                               'vocab': list(SHAPE_NAMES[:10]),
+                               'split': '200 generated training images, 100 validation images'}
     assert metrics['args']['epochs'] == 2 and metrics['args']['out'] == str(out)
     assert metrics['versions']['torch'] == torch.__version__ and metrics['device'] == 'cpu'
     lr = metrics['lr']  # one-cycle by default: warm up from lr/25 to lr, anneal to almost 0
@@ -155,7 +156,7 @@ def _write_idx(path, array, dtype_code=0x08):
     with gzip.open(path, 'wb') as f: f.write(header + array.astype('>u1').tobytes())
 
 
-def test_mnist_folder(tmp_path):
+def test_mnist_folder(tmp_path, capsys):
     rng = np.random.default_rng(0)
     _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (40, 28, 28)))
     _write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.arange(40) % 10)
@@ -163,6 +164,9 @@ def test_mnist_folder(tmp_path):
     assert main(['train', '--data', str(tmp_path), '--epochs', '1', '--quiet', '--out', str(out)]) == 0
     metrics = _metrics(out)
     assert metrics['data']['source'] == 'mnist' and metrics['data']['n_train'] == 32  # t10k only: 80/20 split
+    assert metrics['data']['split'] == ('the folder holds only the t10k (test) files: its first 32 images train and '
+                                        'the last 8 validate')
+    assert f"data: {metrics['data']['split']}" in capsys.readouterr().out
     learn, _ = build_learner(_args('--data', str(tmp_path), '--out', str(out)))
     assert learn.data.c_in == 1 and learn.model[0][0].in_channels == 1
 
@@ -204,7 +208,7 @@ def test_noise_kinds_of_the_cli_are_the_library_s():
     from minilearn.train_spec import NOISE_KINDS as CLI_KINDS
     assert CLI_KINDS == NOISE_KINDS
 
-def test_cifar10_python_batches(tmp_path):
+def test_cifar10_python_batches(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
         batch = {b'data': rng.integers(0, 256, (10, 3072), dtype=np.uint8), b'labels': list(range(10))}
@@ -214,6 +218,37 @@ def test_cifar10_python_batches(tmp_path):
                  '--out', str(out)]) == 0
     data = _metrics(out)['data']
     assert data['source'] == 'cifar10' and data['n_train'] == 30 and data['n_valid'] == 10
+    # the summary says what validates: the whole test batch
+    assert data['split'] == '30 images of data_batch_1-5 train; all 10 images of test_batch validate'
+    assert 'data: 30 images of data_batch_1-5 train; all 10 images of test_batch validate' in capsys.readouterr().out
+
+
+def test_out_that_cannot_be_written_is_named_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs): raise AssertionError("the job started (data would be read) before --out was checked")
+    monkeypatch.setattr(train_job, 'run_train', never)
+    (tmp_path / 'a_file').write_text('')
+    data = save_shapes_folder(tmp_path / 'shapes', n_per_class=2, n_classes=2, size=8)
+    for out in [tmp_path / 'a_file' / 'out', tmp_path / 'a_file']:
+        assert main(['train', '--data', str(data), '--out', str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f'minilearn train: error: --out {out}: '), lines
+    assert main(['train', '--out', str(tmp_path / 'a_file' / 'out')]) == 2
+    assert 'cannot write there (Not a directory); choose a folder you can write to' in capsys.readouterr().err
+
+
+def test_the_out_check_leaves_nothing_behind(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_job, 'run_train', lambda args, prog: seen.append(args.out) or 0)
+    out = tmp_path / 'new' / 'out'
+    assert main(['train', '--out', str(out)]) == 0 and seen == [out]
+    assert not (tmp_path / 'new').exists()  # the folders it made to try a write are gone; the job creates its own
+    (tmp_path / 'old').mkdir()
+    assert main(['train', '--out', str(tmp_path / 'old')]) == 0 and list((tmp_path / 'old').iterdir()) == []
+
+
+def test_resume_of_a_missing_folder_says_so(tmp_path, capsys):
+    assert main(['train', '--resume', str(tmp_path / 'nowhere')]) == 2
+    assert capsys.readouterr().err.strip() == f'minilearn train: error: --resume {tmp_path / "nowhere"}: no such folder'
 
 
 def test_help_lists_every_option(capsys):

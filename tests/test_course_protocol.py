@@ -59,10 +59,11 @@ class BarLike(Callback):
 def test_logger_swap_and_loop_counters():
     bar, table = BarLike(), TableLogger()
     learn = Learner(mlp(), linear_data(n_train=48, n_valid=32, bs=16), F.cross_entropy, cbs=[bar, table])
+    logger = learn.logger
     learn.fit(2)
     assert bar.rows == [['epoch', 'n_iter'], ['0', '3'], ['1', '6']]
     assert bar.updates[:4] == [(0, 3, 3, 2), (1, 3, 3, 2), (2, 3, 3, 2), (0, 1, 1, 2)]
-    assert learn.logger is print
+    assert learn.logger is logger
 
 
 class ScheduleLr(Callback):

@@ -8,7 +8,9 @@ printed (`pytest -s`); the budget (under 3 minutes each on 2 CPU cores) is not a
 """
 from __future__ import annotations
 
+import configparser
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,19 @@ NOTEBOOKS = sorted(NBS_DIR.glob('*.ipynb'))
 CELL_TIMEOUT_S = 600
 
 
+PROGRESS_RE = re.compile(r"<progress\s+(?:value='(\d+)'\s+)?[^>]*?max='(\d+)'")
+
+
+def _html_outputs(cell) -> list[str]:
+    return [o['data']['text/html'] for o in cell.get('outputs', []) if 'text/html' in o.get('data', {})]
+
+
+def stale_bars(cell) -> list[str]:
+    """The progress bars a reader of the saved cell sees short of their end (e.g. a fit's bar left at 0 of 2)."""
+    bars = [m for html in _html_outputs(cell) for m in PROGRESS_RE.finditer(html)]
+    return [m.group(0) for m in bars if m.group(1) is None or m.group(1) != m.group(2)]
+
+
 def _read(path: Path):
     import nbformat
     return nbformat.read(path, as_version=4)
@@ -28,6 +43,35 @@ def _read(path: Path):
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {'00_quickstart.ipynb', '10b_mixup_label_smoothing.ipynb', 'noisy_labels.ipynb'} <= names, names
+
+
+SETUP_CFG = NBS_DIR.parent / 'setup.cfg'
+# distribution of an imported module, where the names differ
+DISTRIBUTIONS = {'PIL': 'pillow', 'sklearn': 'scikit-learn', 'torchvision': 'torchvision'}
+# what a notebook reaches through a minilearn call (text in its code -> the distribution that call imports)
+REACHED_THROUGH_MINILEARN = {'find_label_issues(labels=': 'cleanlab', 'TensorBoardCallback': 'tensorboard'}
+
+
+def _requirements(text: str) -> set[str]:
+    return {re.split(r'[<>=!~\[; ]', line.strip())[0].lower() for line in text.splitlines() if line.strip()}
+
+
+def test_the_notebooks_extra_installs_what_the_notebooks_need():
+    """`pip install -e ".[notebooks]"` (what the README says) is enough to run every notebook without a warning."""
+    cfg = configparser.ConfigParser()
+    cfg.read(SETUP_CFG)
+    installed = _requirements(cfg['options']['install_requires'])
+    extras = {name: _requirements(value) for name, value in cfg['options.extras_require'].items()}
+    # a front end, a kernel, and widgets: without them tqdm.auto bars (cleanlab's) print a TqdmWarning box
+    assert {'jupyterlab', 'ipykernel', 'ipywidgets'} <= extras['notebooks']
+    for path in NOTEBOOKS:
+        code = '\n'.join(c.source for c in _read(path).cells if c.cell_type == 'code')
+        modules = set(re.findall(r'^\s*(?:from|import)\s+(\w+)', code, flags=re.M)) - set(sys.stdlib_module_names)
+        needed = {DISTRIBUTIONS.get(m, m).lower() for m in modules - {'minilearn'}}
+        needed |= {dist for text, dist in REACHED_THROUGH_MINILEARN.items() if text in code}
+        assert needed <= installed | extras['notebooks'], f"{path.name} needs {needed - installed - extras['notebooks']}"
+        assert needed <= installed | extras['dev'], f"the tests run {path.name}: the dev extra needs them too"
+    assert extras['notebooks'] - {'jupyterlab'} <= extras['dev']
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -82,4 +126,41 @@ def test_notebook_runs(path: Path, kernel_of_this_interpreter: Path):
     errors = [o for c in executed for o in c.outputs if o.get('output_type') == 'error']
     assert not errors, errors
     assert any('image/png' in o.get('data', {}) for c in executed for o in c.outputs), "no figure was drawn"
+    stale = {i: stale_bars(c) for i, c in enumerate(executed) if stale_bars(c)}
+    assert not stale, f"saved outputs show progress bars short of their end (code cell: bars): {stale}"
+    warned = [o['text'] for c in executed for o in c.outputs
+              if o.get('output_type') == 'stream' and o.get('name') == 'stderr' and 'Warning' in o.get('text', '')]
+    assert not warned, f"the notebook shows warning boxes: {warned}"
     assert sorted(p.name for p in NBS_DIR.iterdir()) == before, "the notebook wrote files into nbs/"
+
+
+FIT_CELLS = [
+    """import torch, torch.nn.functional as F
+from torch import nn
+from minilearn import *
+torch.manual_seed(0)
+data = DataBunch.from_tensors(torch.randn(64, 4), torch.randint(0, 2, (64,)), torch.randn(32, 4),
+                              torch.randint(0, 2, (32,)), bs=16)
+def learner(): return Learner(nn.Linear(4, 2), data, F.cross_entropy, lr=0.1,
+                              cbs=[ProgressCallback(), AvgStatsCallback([accuracy])])""",
+    "learner().fit(2)",
+    "learner().fit(2)\nlearner().fit(3)",
+]
+
+
+@pytest.mark.slow
+def test_a_fit_saves_its_table_and_no_stale_bar(kernel_of_this_interpreter: Path):
+    """What a reopened notebook (or GitHub, or the docs) shows of a fit: one table per fit, no empty bar."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in FIT_CELLS])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                   resources={'metadata': {'path': str(kernel_of_this_interpreter)}}).execute()
+    for cell, epochs in zip(nb.cells[1:], [[2], [2, 3]]):  # the fits of each cell
+        html = _html_outputs(cell)
+        assert not stale_bars(cell), stale_bars(cell)  # the master bar used to stay at value='0' max='2'
+        assert sum(h.count('<progress') for h in html) <= len(epochs)
+        tables = [h for h in html if '<table' in h]
+        assert [t.count('<tr') - 1 for t in tables] == epochs, html  # one table per fit, a row per epoch
+        assert all('valid_accuracy' in t for t in tables)

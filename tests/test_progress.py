@@ -1,5 +1,6 @@
 """minilearn.callbacks.progress: ProgressCallback's bars and table, its smoothed loss and its throttled reads."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,8 +31,9 @@ def test_progress_callback_in_a_plain_process_prints_one_row_per_epoch(tmp_path)
         from minilearn.learner import Learner
         learn = Learner(mlp(), linear_data(), F.cross_entropy, lr=0.1,
                         cb_funcs=[functools.partial(AvgStatsCallback, [accuracy]), ProgressCallback])
+        logger = learn.logger
         learn.fit(3)
-        print('logger restored:', learn.logger is print)
+        print('logger restored:', learn.logger is logger)
     ''' % os.path.dirname(__file__))
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -50,9 +52,10 @@ def test_progress_bars_in_a_terminal_close_when_fit_is_interrupted(capsys):
 
     learn = Learner(mlp(), linear_data(n_train=96), F.cross_entropy,
                     cbs=[ProgressCallback(interactive=True), AvgStatsCallback([accuracy]), Interrupt()])
+    logger = learn.logger
     with pytest.raises(KeyboardInterrupt):
         learn.fit(2)
-    assert learn.progress.mbar is None and learn.progress.pb is None and learn.logger is print
+    assert learn.progress.mbar is None and learn.progress.pb is None and learn.logger is logger
     assert 'Epoch 1/2' in capsys.readouterr().out
 
 
@@ -103,3 +106,39 @@ def test_without_bars_no_loss_is_kept():
     learn.logger = lambda *a: None
     learn.fit(1)
     assert progress.pb is None and progress.pending == [] and progress.smooth_loss is None
+
+
+def _bar_labels(out: str) -> list[str]:
+    """The label of each bar a terminal fit drew, in order: read from each bar's first drawing, at [0/n]."""
+    return re.findall(r'\r(Epoch \d+/\d+) :[^\r]*? \[0/', out)
+
+
+def test_terminal_bars_are_labelled_with_their_own_epoch(capsys):
+    learn = Learner(mlp(), linear_data(n_train=96), F.cross_entropy,
+                    cbs=[ProgressCallback(interactive=True), AvgStatsCallback([accuracy])])
+    learn.fit(2)
+    out = capsys.readouterr().out
+    assert 'Epoch 2/2' in out  # epoch 2's bars used to read 'Epoch 1/2'
+    assert _bar_labels(out) == ['Epoch 1/2'] * 2 + ['Epoch 2/2'] * 2  # training and validation bar of each epoch
+
+
+def test_a_resumed_fit_labels_its_bars_from_the_start_epoch(capsys):
+    learn = Learner(mlp(), linear_data(n_train=96), F.cross_entropy,
+                    cbs=[ProgressCallback(interactive=True), AvgStatsCallback([accuracy])])
+    learn.fit(3, start_epoch=2)
+    assert _bar_labels(capsys.readouterr().out) == ['Epoch 3/3'] * 2
+
+
+def test_without_progress_callback_the_table_is_printed_as_aligned_rows(capsys):
+    learn = Learner(mlp(), linear_data(n_train=96), F.cross_entropy, lr=0.1, cbs=[AvgStatsCallback([accuracy])])
+    learn.fit(2)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and not any('[' in l or "'" in l for l in lines), lines  # not Python lists
+    names = lines[0].split()
+    assert names == ['epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy', 'time']
+    starts = [lines[0].index(n) for n in names]  # every value starts under its column's name
+    for line, epoch in zip(lines[1:], ['0', '1']):
+        cells = line.split()
+        assert cells[0] == epoch and len(cells) == len(names)
+        assert [line.index(c, s) for c, s in zip(cells, starts)] == starts, line
+        assert float(cells[1]) == pytest.approx(learn.avg_stats.history[int(epoch)]['train_loss'], abs=1e-6)

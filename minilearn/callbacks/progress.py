@@ -9,7 +9,7 @@ import torch
 from fastprogress.fastprogress import IN_NOTEBOOK, ConsoleMasterBar, ConsoleProgressBar, NBMasterBar, NBProgressBar
 
 from ..callback import Callback, Order
-from ..core import is_interactive
+from ..core import TablePrinter, is_interactive
 
 __all__ = ['ProgressCallback']
 
@@ -17,16 +17,12 @@ __all__ = ['ProgressCallback']
 class _PlainMasterBar:
     """For logs (CI, files, pipes): table rows as plain lines, no bars and no carriage returns."""
 
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self) -> None:
+        self.rows = TablePrinter()
 
     def write(self, line: Any, table: bool = False) -> None:
-        if not table: print(line, flush=True)
-        elif not hasattr(self, 'widths'):
-            self.widths = [max(len(str(n)), 8) for n in line]
-            print('  '.join(str(n).ljust(w) for n, w in zip(line, self.widths)), flush=True)
-        else:
-            print('  '.join(str(v).ljust(w) for v, w in zip(line, self.widths)), flush=True)
+        if table: self.rows(line)
+        else: print(line, flush=True)
 
 
 class ProgressCallback(Callback):
@@ -52,17 +48,20 @@ class ProgressCallback(Callback):
         if self.bars:
             master_cls = NBMasterBar if IN_NOTEBOOK else ConsoleMasterBar
             self.mbar = master_cls(range(self.run.epochs))
-            self.mbar.on_iter_begin()
-            self.mbar.update(self.run.position.epoch)
+            # The first update draws the bar; drawing it again (on_iter_begin) would leave a second, stale
+            # display in a notebook's saved output. It starts at 0 (fastprogress times from there), then moves
+            # to where a resumed fit starts.
+            self.mbar.update(0)
+            if self.run.position.epoch: self.mbar.update(self.run.position.epoch)
         else:
-            self.mbar = _PlainMasterBar(self.run.epochs)
+            self.mbar = _PlainMasterBar()
         self.old_logger = self.run.logger
         self.run.logger = partial(self.mbar.write, table=True)
         self.pb, self.smooth_loss, self.n_smoothed, self.last_shown, self.pending = None, None, 0, 0., []
 
     def begin_epoch(self) -> None:
+        if self.bars: self.mbar.update(self.run.epoch)  # first: the epoch's bar takes its label from the master
         self._new_bar()
-        if self.bars: self.mbar.update(self.run.epoch)
 
     def begin_validate(self) -> None:
         self._new_bar()

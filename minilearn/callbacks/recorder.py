@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,14 +108,16 @@ class Recorder(Callback):
         self._losses: list[torch.Tensor] = []
         self._loaded_losses = torch.zeros(0)  # history restored from a checkpoint
         self._valid: list[tuple[int, object]] = []  # (training batches done, validation loss) per epoch
+        self.epoch_ends: list[int] = []  # training batches done at the end of each epoch (the plots' epoch marks)
 
     def begin_fit(self) -> None:
         if self.run.position.resuming and len(self._loaded_losses): return  # resuming: keep the loaded record
         groups = self.run.opt.param_groups
         self.hypers = {name: [[] for _ in groups] for name in _scalar_hypers(groups[0])}
-        self._losses, self._loaded_losses, self._valid = [], torch.zeros(0), []
+        self._losses, self._loaded_losses, self._valid, self.epoch_ends = [], torch.zeros(0), [], []
 
     def after_epoch(self) -> None:
+        self.epoch_ends.append(len(self._losses) + len(self._loaded_losses))
         stats = self.run.find_cb(AvgStatsCallback)
         if stats is None or self.run.data.valid_dl is None or not stats.valid_stats.count: return
         self._valid.append((len(self._losses) + len(self._loaded_losses), stats.valid_stats.avg_loss))
@@ -158,7 +161,20 @@ class Recorder(Callback):
         ax.plot(self.hypers[pname][pgid])
         ax.set_xlabel('iteration')
         ax.set_ylabel(pname)
+        ax.set_title('Learning rate per batch' if pname == 'lr' else f'{pname} per batch')
+        self._mark_epochs(ax)
         return fig
+
+    def _mark_epochs(self, ax: Any) -> None:
+        """A dotted line where each epoch ends, numbered along the top."""
+        if not self.epoch_ends: return
+        ends = [n - 0.5 for n in self.epoch_ends]  # between an epoch's last batch and the next one's first
+        ax.vlines(ends, 0, 1, transform=ax.get_xaxis_transform(), colors='grey', linestyles=':', linewidths=0.8,
+                  gid='epoch_ends')
+        top = ax.secondary_xaxis('top')
+        top.set_xticks(ends, [str(i + 1) for i in range(len(ends))])
+        top.set_xlabel('end of epoch')
+        ax.figure.tight_layout()  # room for the epoch numbers above and the title over them
 
     def plot_loss(self, skip_last: int = 0, with_valid: bool = True):
         """Plot the training loss per batch (dropping the last `skip_last`) and, beside it, the validation loss
@@ -176,6 +192,8 @@ class Recorder(Callback):
             ax.legend()
         ax.set_xlabel('iteration')
         ax.set_ylabel('loss')
+        ax.set_title('Training loss per batch' + (', validation loss per epoch' if with_valid and valid else ''))
+        self._mark_epochs(ax)
         return fig
 
     def suggest_lr(self, skip_last: int = 0, pgid: int = -1, beta: float = 0.98, method: str = 'valley') -> float:
@@ -202,13 +220,14 @@ class Recorder(Callback):
         ax.set_xscale('log')
         ax.set_xlabel('learning rate')
         ax.set_ylabel('loss')
+        ax.set_title('Learning rate finder')
         return fig
 
     def state_dict(self) -> dict:
         """Recorded hyper-parameters and losses (CPU tensors and lists), for checkpoints."""
         steps, valid = self.valid_losses
         return {'hypers': self.hypers, 'losses': self._loss_tensor(), 'valid_steps': steps,
-                'valid_losses': torch.tensor(valid, dtype=torch.float64)}
+                'valid_losses': torch.tensor(valid, dtype=torch.float64), 'epoch_ends': list(self.epoch_ends)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
@@ -216,3 +235,4 @@ class Recorder(Callback):
         self._losses, self._loaded_losses = [], state['losses'].float().cpu().reshape(-1)
         valid = state.get('valid_losses', torch.zeros(0)).tolist()  # absent in checkpoints of earlier versions
         self._valid = list(zip([int(n) for n in state.get('valid_steps', [])], valid))
+        self.epoch_ends = [int(n) for n in state.get('epoch_ends', [])]  # absent in earlier checkpoints

@@ -152,8 +152,17 @@ def show_batch(xb: torch.Tensor, yb: Any = None, vocab: Sequence | None = None, 
     """A grid of the first `n` images of a batch, titled by label (decoded through `vocab`); returns the figure.
 
     `norm` (a `(mean, std)` pair, a `Normalize` or a normalization callback) undoes normalization first.
+    Given a DataBunch instead of a batch (fastai's habit), shows one of its training batches.
     """
     import matplotlib.pyplot as plt  # local: pyplot is slow to import and only plotting needs it
+    if hasattr(xb, 'train_dl') and hasattr(xb, 'show_batch'):  # a DataBunch (duck-typed: data.core imports us)
+        if yb is not None:
+            raise TypeError("show_batch(data) shows a batch of the DataBunch's own; pass labels only with a batch: "
+                            "show_batch(xb, yb)")
+        return xb.show_batch(n=n, norm=norm, ncols=ncols, figsize=figsize)
+    if not isinstance(xb, torch.Tensor) and not hasattr(xb, '__len__'):
+        raise TypeError(f"show_batch takes a batch of images (a tensor, with its labels: show_batch(xb, yb)) or a "
+                        f"DataBunch, got {type(xb).__name__}; for a loader: xb, yb = one_batch(dl)")
     n = min(n, len(xb))
     if n < 1: raise ValueError("show_batch needs at least one image")
     ncols = ncols or math.ceil(math.sqrt(n))
