@@ -91,13 +91,14 @@ def test_the_loss_shown_is_the_debiased_moving_average_of_the_training_losses(ca
 
     progress = ProgressCallback(beta=beta, max_updates_per_sec=1e9, interactive=True)  # shown after every batch
     learn = Learner(mlp(), linear_data(n_train=96, bs=16), F.cross_entropy, lr=0.1, cbs=[progress, Watch()])
+    logger = learn.logger
     learn.fit(2)
     expected, average = [], 0.
     for n, loss in enumerate(losses, 1):  # fastai's SmoothenValue: the moving average over the fit, debiased
         average = beta * average + (1 - beta) * loss
         expected.append(average / (1 - beta ** n))
     assert len(shown) == 12 and shown == pytest.approx(expected, abs=1e-4)
-    assert 'Epoch 2/2' in capsys.readouterr().out and learn.logger is print
+    assert 'Epoch 2/2' in capsys.readouterr().out and learn.logger is logger
 
 
 def test_without_bars_no_loss_is_kept():
