@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from minilearn.callbacks.loggers import CSVLogger, TensorBoardCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, Learner
 
@@ -95,7 +96,7 @@ def event_scalars(log_dir):
 
 
 def test_tensorboard_writes_epoch_and_step_scalars(tmp_path):
-    learn = make_learner(tmp_path, [TensorBoardCallback()])
+    learn = make_learner(tmp_path, [TensorBoardCallback(), Recorder()])
 
     class LossCopy(Callback):  # an independent record of the training losses
         losses = []
@@ -114,7 +115,7 @@ def test_tensorboard_writes_epoch_and_step_scalars(tmp_path):
 
 
 def test_tensorboard_buffers_steps_until_epoch_end(tmp_path):
-    learn = make_learner(tmp_path, [TensorBoardCallback(log_dir=tmp_path / 'tb')])
+    learn = make_learner(tmp_path, [TensorBoardCallback(log_dir=tmp_path / 'tb'), Recorder()])
     seen = []
 
     class Spy(Callback):
@@ -124,10 +125,10 @@ def test_tensorboard_buffers_steps_until_epoch_end(tmp_path):
             add_scalar = writer.add_scalar
             writer.add_scalar = lambda *a, **k: (self.calls.append(a[0]), add_scalar(*a, **k))
         def after_batch(self):
-            seen.append((len(self.run.tensor_board._losses), len(self.calls)))
+            seen.append((self.run.recorder.n_losses, len(self.calls)))
 
     learn.fit(1, cbs=Spy())
-    # 4 training batches buffered, nothing written during the epoch; 2 validation batches add nothing
+    # 4 training batches recorded, nothing written during the epoch; 2 validation batches add nothing
     assert seen == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 0), (4, 0)]
     assert (tmp_path / 'tb').is_dir() and learn.tensor_board.writer is None
     assert len(event_scalars(tmp_path / 'tb')['train/loss_step']) == 4
@@ -144,7 +145,7 @@ def test_tensorboard_writes_the_steps_of_an_interrupted_epoch(tmp_path):
         def begin_batch(self):
             if self.run.epoch == 1 and self.run.iter == 2: raise KeyboardInterrupt
 
-    learn = make_learner(tmp_path, [TensorBoardCallback()])
+    learn = make_learner(tmp_path, [TensorBoardCallback(), Recorder()])
     with pytest.raises(KeyboardInterrupt):
         learn.fit(3, cbs=StopAfterTwoBatches())
     scalars = event_scalars(tmp_path / 'runs')
