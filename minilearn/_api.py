@@ -8,7 +8,9 @@ from .callbacks.device import ChannelsLast, CudaCallback, DeviceCallback, defaul
 from .callbacks.distributed import DistributedCallback, ShardSampler, distrib_ctx, num_distrib, rank_distrib, shard_loader
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
-from .callbacks.loggers import CSVLogger, TensorBoardCallback
+from .callbacks.loggers import CSVLogger, LoggerCallback, TensorBoardCallback, fit_hyperparameters
+from .callbacks.mlflow_logger import MLflowCallback  # imports mlflow only when one is built
+from .callbacks.optuna_pruning import OptunaPruningCallback  # imports optuna only when one is built
 from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, balanced_accuracy, f1_score, format_time,
                                 precision_score, recall_score, top_k_accuracy)
 from .metrics import accuracy

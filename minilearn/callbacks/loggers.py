@@ -58,9 +58,10 @@ def _public_arguments(obj: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    kept = getattr(obj, '__dict__', {})
-    return {name: _value(kept[name]) for name, p in parameters.items()
-            if name != 'self' and p.kind in kinds and not name.startswith('_') and name in kept}
+    kept = getattr(obj, '__dict__', {})  # instance attributes, or properties (never a callback's learner fallback)
+    return {name: _value(getattr(obj, name)) for name, p in parameters.items()
+            if name != 'self' and p.kind in kinds and not name.startswith('_')
+            and (name in kept or isinstance(getattr(type(obj), name, None), property))}
 
 
 def _partial_arguments(f: Any) -> dict[str, Any]:
