@@ -254,7 +254,7 @@ class TensorBoardCallback(LoggerCallback):
 
     def log_params(self, params: dict[str, Any]) -> None:
         table = '\n'.join(['| name | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in params.items()])
-        self.writer.add_text('hparams', table, self.run.epoch if resuming(self.run) else 0)
+        self.writer.add_text('hparams', table, self.run.start_epoch)
 
     def log_steps(self, values: dict[str, list[float]], first_step: int) -> None:
         for name, series in values.items():
