@@ -58,7 +58,8 @@ __all__ = [
     'CorruptCheckpointError', 'safe_load', 'atomic_write', 'CheckpointCallback', 'TrainingInterrupted',
     # after training
     'get_preds', 'predict', 'tta', 'hflip', 'show_results', 'summary', 'ModelSummary',
-    'ClassificationInterpretation', 'CSVLogger', 'TensorBoardCallback', 'export_learner', 'load_predictor',
+    'ClassificationInterpretation', 'LoggerCallback', 'CSVLogger', 'TensorBoardCallback', 'fit_hyperparameters',
+    'MLflowCallback', 'OptunaPruningCallback', 'export_learner', 'load_predictor',
     'load_learner', 'Predictor', 'UnsafeArtifactError',
     # helpers
     'listify', 'camel2snake', 'to_device', 'partial', 'datasets',

@@ -10,7 +10,9 @@ from .callbacks.coteaching import CoTeaching, JoCoR, forget_rate_schedule
 from .callbacks.hooks import ActivationStats, Hook, Hooks
 from .callbacks.mixup import CutMix, MixHandler, MixUp, MixUpCutMix, MixUpLoss
 from .callbacks.noise import ELR, AreaUnderMargin, ELRLoss
-from .callbacks.loggers import CSVLogger, TensorBoardCallback
+from .callbacks.loggers import CSVLogger, LoggerCallback, TensorBoardCallback, fit_hyperparameters
+from .callbacks.mlflow_logger import MLflowCallback  # imports mlflow only when one is built
+from .callbacks.optuna_pruning import OptunaPruningCallback  # imports optuna only when one is built
 from .callbacks.metrics import (AccumMetric, AvgStats, AvgStatsCallback, balanced_accuracy, f1_score, format_time,
                                 precision_score, recall_score, top_k_accuracy)
 from .metrics import accuracy

@@ -1,11 +1,12 @@
-"""Command-line interface: `minilearn train` trains a CNN and writes plots, a checkpoint and `metrics.json`.
+"""Command-line interface: `minilearn train` trains a CNN and writes plots, a checkpoint and `metrics.json`;
+`minilearn tune` searches its hyper-parameters with Optuna.
 
-This module declares the options and checks them; the job itself is train_job.py. torch is imported only
-once the command line has been parsed and checked, so that `--help`, `--version` and a mistake on the
-command line are answered at once (importing torch and torchvision takes seconds): this module imports the
-standard library and train_spec.py (what it shares with the job, torch-free), and reaches train_job.py by one
-import inside `main` (tests/test_import_graph.py, tests/test_cli.py check both). A new option is declared and
-checked here and used in train_job.py.
+This module declares the options and checks them; the jobs themselves are train_job.py and tune_job.py,
+reached through jobs.py. torch is imported only once the command line has been parsed and checked, so that
+`--help`, `--version` and a mistake on the command line are answered at once (importing torch and torchvision
+takes seconds): this module imports the standard library and train_spec.py (what it shares with the jobs,
+torch-free), and reaches jobs.py by one import inside `main` (tests/test_import_graph.py, tests/test_cli.py
+check both). A new option is declared and checked here and used in train_job.py.
 """
 from __future__ import annotations
 
@@ -30,8 +31,12 @@ __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 0.1
 DEFAULT_BS = 64
+DEFAULT_WD = 5e-4
+DEFAULT_TRIALS = 20
+SEARCHED = ('lr', 'wd', 'mixup', 'label_smoothing')  # what `minilearn tune` chooses per trial
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')
-RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet', 'resume_if_exists')  # options that do not change what is computed
+# options that do not change what is computed
+RESUME_MAY_CHANGE = ('device', 'threads', 'workers', 'quiet', 'resume_if_exists')
 _ARCH_NAME = re.compile(r'(timm/[\w.\-]+|(torchvision/)?[a-z][a-z0-9_]*)')
 SCHEDULES = ('one-cycle', 'constant')
 
@@ -86,6 +91,12 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0: raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _smoothing(text: str) -> float:
     value = _number(text)
     if not 0 <= value < 1: raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
@@ -93,7 +104,7 @@ def _smoothing(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `minilearn` argument parser, with its `train` sub-command."""
+    """The `minilearn` argument parser, with its `train` and `tune` sub-commands."""
     parser = _Parser(prog='minilearn', description='minilearn: a small fastai-style training framework for PyTorch.')
     parser.add_argument('--version', action='version', version=f'minilearn {__version__}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -102,6 +113,49 @@ def build_parser() -> argparse.ArgumentParser:
         description='Train a CNN with the minilearn Learner: progress bars and a per-epoch table, then a '
                     'summary; writes loss.png, lr.png, model.pth and metrics.json into --out. Without --data it '
                     'trains on a generated shapes dataset (no download).')
+    run = _add_train_options(train_parser)
+    run.add_argument('--checkpoint-every', metavar='N', type=_positive_int, default=None,
+                     help=f'write --out/{CHECKPOINT} every N training batches and at the end of every epoch; on '
+                          f'SIGTERM (or SIGINT without a terminal) finish the batch, write it and exit with 143 '
+                          f'(130); continue with --resume DIR')
+    run.add_argument('--resume', metavar='DIR', type=Path, default=None,
+                     help=f'continue the run interrupted in DIR from DIR/{CHECKPOINT}, with the options saved in '
+                          f'DIR/{RUN_OPTIONS}; it ends with the metrics and weights of a run never interrupted '
+                          f'(and, with --mlflow, in the same MLflow run). '
+                          f'Only {", ".join("--" + o.replace("_", "-") for o in RESUME_MAY_CHANGE)} may be given too')
+    run.add_argument('--resume-if-exists', action='store_true',
+                     help=f'with --checkpoint-every N: continue the run in --out from its checkpoint when there is '
+                          f'one (as --resume OUT does), else start it; the same command serves the first start and '
+                          f'every restart (torchrun --max-restarts, a cluster\'s requeue). The last '
+                          f'{CHECKPOINTS_KEPT} checkpoints are kept; a corrupt newest one gives way to the one before')
+    train_parser.set_defaults(subparser=train_parser)  # so that unknown options are reported by `minilearn train`
+    tune_parser = commands.add_parser(
+        'tune', help='search the learning rate, weight decay, MixUp and label smoothing of `train` with Optuna',
+        description='An Optuna study over `minilearn train`: each trial draws the learning rate and weight decay '
+                    '(log-uniform), MixUp alpha or none and label smoothing epsilon or none, trains into '
+                    '--out/trial_<n> and reports the validation accuracy after every epoch; a median pruner stops '
+                    'trials worse than the median of the earlier ones at that epoch. Prints the best trial and the '
+                    '`minilearn train` command that reproduces it. Running it again with the same --storage and '
+                    '--study continues the study. The other options are those of `train`, fixed for every trial.')
+    search = tune_parser.add_argument_group('search')
+    search.add_argument('--trials', metavar='N', type=_positive_int, default=DEFAULT_TRIALS,
+                        help=f'trials to run in this invocation (default {DEFAULT_TRIALS})')
+    search.add_argument('--timeout', metavar='S', type=_positive_number, default=None,
+                        help='stop starting new trials after S seconds (default: no limit)')
+    search.add_argument('--storage', metavar='URL', default=None,
+                        help="where the study is kept: an Optuna storage URL such as sqlite:///study.db, or "
+                             "'memory' (lost at exit); default sqlite:///OUT/optuna.db, beside the trials")
+    search.add_argument('--study', metavar='NAME', default='minilearn',
+                        help='the study name in --storage: an existing one is continued (default minilearn)')
+    _add_train_options(tune_parser)
+    # None: not given (a value equal to train's default is given too, and refused: tune chooses it)
+    tune_parser.set_defaults(subparser=tune_parser, lr=None, wd=None)
+    return parser
+
+
+def _add_train_options(command: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options `train` and `tune` share (the data, the model, the training, the run); returns the run group."""
+    train_parser = command
     data = train_parser.add_argument_group('data')
     data.add_argument('--data', metavar='PATH', type=Path, default=None,
                       help='an image folder tree train/<class>/, val/<class>/ (or valid/, test/), a CIFAR-10 folder '
@@ -139,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--bs', metavar='N', type=_positive_int, default=DEFAULT_BS,
                        help=f'batch size (default {DEFAULT_BS}; validation uses twice as much)')
     model.add_argument('--lr', metavar='LR', type=_positive_number, default=DEFAULT_LR,
-                       help=f'learning rate of SGD with weight decay 5e-4: the peak of the one-cycle schedule, or '
-                            f'the constant one (default {DEFAULT_LR})')
+                       help=f'learning rate of SGD: the peak of the one-cycle schedule, or the constant one '
+                            f'(default {DEFAULT_LR})')
+    model.add_argument('--wd', metavar='WD', type=_non_negative_number, default=DEFAULT_WD,
+                       help=f'weight decay of SGD (default {DEFAULT_WD})')
     model.add_argument('--schedule', choices=SCHEDULES, default='one-cycle',
                        help='one-cycle: learn.fit_one_cycle, the lr warms up from LR/25 to LR over the first 30%% '
                             'of the batches then anneals to almost 0, momentum 0.95 -> 0.85 -> 0.95, so the last '
@@ -168,21 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--out', metavar='DIR', type=Path, default=Path('out'),
                      help='output folder for loss.png, lr.png, model.pth and metrics.json (default out/)')
     run.add_argument('--quiet', action='store_true', help='no progress bars and no epoch table, only the summary')
-    run.add_argument('--checkpoint-every', metavar='N', type=_positive_int, default=None,
-                     help=f'write --out/{CHECKPOINT} every N training batches and at the end of every epoch; on '
-                          f'SIGTERM (or SIGINT without a terminal) finish the batch, write it and exit with 143 '
-                          f'(130); continue with --resume DIR')
-    run.add_argument('--resume', metavar='DIR', type=Path, default=None,
-                     help=f'continue the run interrupted in DIR from DIR/{CHECKPOINT}, with the options saved in '
-                          f'DIR/{RUN_OPTIONS}; it ends with the metrics and weights of a run never interrupted. '
-                          f'Only {", ".join("--" + o.replace("_", "-") for o in RESUME_MAY_CHANGE)} may be given too')
-    run.add_argument('--resume-if-exists', action='store_true',
-                     help=f'with --checkpoint-every N: continue the run in --out from its checkpoint when there is '
-                          f'one (as --resume OUT does), else start it; the same command serves the first start and '
-                          f'every restart (torchrun --max-restarts, a cluster\'s requeue). The last '
-                          f'{CHECKPOINTS_KEPT} checkpoints are kept; a corrupt newest one gives way to the one before')
-    train_parser.set_defaults(subparser=train_parser)  # so that unknown options are reported by `minilearn train`
-    return parser
+    run.add_argument('--mlflow', metavar='URI', nargs='?', const='', default=None,
+                     help="log the run to MLflow (parameters, metrics per epoch and per step, status, plots and "
+                          "metrics.json), in the tracking store URI (e.g. sqlite:///mlflow.db); without URI, "
+                          "MLflow's default store (MLFLOW_TRACKING_URI, else its own default)")
+    return run
 
 
 # ---- checks that need more than one option, or the file system (no torch needed) --------------------
@@ -191,9 +237,10 @@ _PATH_OPTIONS = ('data', 'out')
 
 
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The parsed `train` options, checked; with `--resume DIR`, the options saved in DIR/run.json (the few that
-    may change taken from `args`) and `resume` = `out` = DIR (so too with `--resume-if-exists` when --out holds a
-    checkpoint). Raises UsageError."""
+    """The parsed `train` (or `tune`) options, checked; with `--resume DIR`, the options saved in DIR/run.json (the
+    few that may change taken from `args`) and `resume` = `out` = DIR (so too with `--resume-if-exists` when --out
+    holds a checkpoint). Raises UsageError."""
+    if args.command == 'tune': return _checked_tune(args, parser)
     if args.resume_if_exists:
         if args.checkpoint_every is None:
             raise UsageError("--resume-if-exists needs --checkpoint-every N (the checkpoints it continues from)")
@@ -204,7 +251,45 @@ def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
     if args.checkpoint_every is not None and args.resume is None and (args.out / CHECKPOINT).is_file():
         raise UsageError(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume "
                          f"{args.out}, or delete {args.out / CHECKPOINT} (or choose another --out) to start anew")
-    if args.mixup_batch and args.mixup is None:
+    return _checked_train_options(args)
+
+
+def _checked_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`tune`'s options: those of `train` (less what it searches), a storage URL, and the command line of `train`
+    that a trial's choices complete (`train_command`)."""
+    given = [name for name in SEARCHED if getattr(args, name) is not None]
+    if given:
+        names = ', '.join('--' + n.replace('_', '-') for n in given)
+        raise UsageError(f"tune chooses {names} for each trial: leave {names} out (the other train options are "
+                         f"fixed for every trial)")
+    if args.storage is not None and args.storage != 'memory' and '://' not in args.storage:
+        raise UsageError(f"--storage {args.storage!r}: expected an Optuna storage URL such as sqlite:///study.db, "
+                         f"or 'memory'")
+    if args.storage is None: args.storage = f'sqlite:///{(args.out / "optuna.db").resolve()}'
+    if not args.study.strip(): raise UsageError("--study: the study needs a name")
+    args.checkpoint_every = args.resume = None  # the trials are train runs without checkpoints
+    args.train_command = _train_command(args, parser)
+    return _checked_train_options(args, searched=True)
+
+
+def _train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The `minilearn train` options given to `tune` (the search's own and --out left out), as a command line."""
+    words = ['minilearn', 'train']
+    for action in parser._actions:
+        name = action.dest
+        if not action.option_strings or name in SEARCHED + ('out', 'trials', 'timeout', 'storage', 'study', 'help'):
+            continue
+        value = getattr(args, name, None)
+        if value == parser.get_default(name): continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0: words.append(flag)
+        elif action.nargs == '?' and value == action.const: words.append(flag)
+        else: words += [flag, str(value)]
+    return words
+
+
+def _checked_train_options(args: argparse.Namespace, searched: bool = False) -> argparse.Namespace:
+    if args.mixup_batch and args.mixup is None and not searched:
         raise UsageError("--mixup-batch needs --mixup ALPHA (it chooses one mixing weight per batch)")
     if args.label_smoothing is not None and args.loss not in (None, 'ls'):
         raise UsageError(f"--label-smoothing goes with --loss ls, not --loss {args.loss}")
@@ -290,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    from .train_job import run_train  # the job, and with it torch: only now that the command line is right
-    return run_train(args, prog)
+    from .jobs import run_job  # the job, and with it torch: only now that the command line is right
+    return run_job(args, prog)
 
 
 if __name__ == '__main__':

@@ -30,6 +30,7 @@ from .callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
 from .callbacks.device import ChannelsLast, DeviceCallback, default_device
 from .callbacks.metrics import AvgStatsCallback, accuracy
 from .callbacks.mixup import MixUp
+from .callbacks.mlflow_logger import MLflowCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks.transforms import BatchTransformXCallback, Normalize, channel_stats
@@ -50,11 +51,11 @@ from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAUL
                          UsageError, data_format, one_line, options_record, valid_folder)
 from .vision import PretrainedWeightsError, vision_learner
 
-__all__ = ['run_train', 'train', 'build_learner', 'write_status', 'STATUSES', 'METRICS_FILE']
+__all__ = ['run_train', 'train', 'build_learner', 'fit_and_write', 'write_status', 'STATUSES', 'METRICS_FILE']
 
 # metrics.json's "status": written "running" before training, then one of the others. "running" in a folder
 # nobody trains into any more means the process was killed before it could say so.
-STATUSES = ('running', 'interrupted', 'failed', 'complete')
+STATUSES = ('running', 'interrupted', 'failed', 'pruned', 'complete')  # pruned: a trial of `minilearn tune`
 METRICS_FILE = 'metrics.json'
 
 
@@ -70,7 +71,7 @@ def run_train(args: argparse.Namespace, prog: str) -> int:
                 # setup problems are the user's to fix: one line
                 print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
                 return 2
-            report = _fit_and_write(args, learn, report, resume)
+            report = fit_and_write(args, learn, report, resume)
         except KeyboardInterrupt as e:
             if not isinstance(e, TrainingInterrupted):
                 print(f"{prog}: interrupted", file=sys.stderr)
@@ -87,7 +88,7 @@ def train(args: argparse.Namespace) -> dict:
     """Run `minilearn train` with checked options; returns the report written to metrics.json."""
     with _cpu_threads(args.threads):
         resume = _resume_checkpoint(args)
-        return _fit_and_write(args, *build_learner(args), resume)
+        return fit_and_write(args, *build_learner(args), resume)
 
 
 def build_learner(args: argparse.Namespace) -> tuple[Learner, dict]:
@@ -98,7 +99,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Learner, dict]:
     generator = torch.Generator().manual_seed(args.seed)
     data, data_info = _build_data(args)
     noise = _add_noise(args, data, generator)
-    opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)
+    opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=getattr(args, 'wd', 5e-4))  # run.json without wd
     if args.arch in ARCHS:
         model = _build_model(args, data)
         learn = Learner(model, data, _build_loss(args), opt_func=opt_func, lr=args.lr,
@@ -241,11 +242,16 @@ def _build_callbacks(args: argparse.Namespace, data: DataBunch, device: torch.de
     if args.checkpoint_every is not None:
         cbs.append(CheckpointCallback(args.out / CHECKPOINT, every_n_batches=args.checkpoint_every,
                                       keep=CHECKPOINTS_KEPT))
+    if getattr(args, 'mlflow', None) is not None:  # '' (the flag alone): MLflow's default store
+        cbs.append(MLflowCallback(args.mlflow or None, run_name=args.out.name or None,
+                                  params={'args': {k: v for k, v in options_record(args).items() if k != 'resume'}}))
     return cbs
 
 
 # ---- training and outputs ------------------------------------------------------------------------------
-def _fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resume: ReadCheckpoint | None) -> dict:
+def fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resume: ReadCheckpoint | None) -> dict:
+    """Train `learn` as the options say, write the outputs and metrics.json (with the status, also when the fit
+    fails or is stopped); returns the report."""
     report.update(epochs=args.epochs, history=[], files={'metrics': METRICS_FILE})
     write_status(args.out, 'running', report)  # from now on the folder says whose files it holds
     start = time.time()
@@ -266,14 +272,26 @@ def _fit_and_write(args: argparse.Namespace, learn: Learner, report: dict, resum
     except BaseException as e:  # the epochs that finished, and why the run stopped
         report['time_s'].setdefault('fit', time.time() - start)
         report['history'] = list(learn.find_cb(AvgStatsCallback).history)
-        status = 'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'
+        # optuna.TrialPruned (minilearn tune) by its name: this job does not import optuna
+        status = ('interrupted' if isinstance(e, KeyboardInterrupt) else
+                  'pruned' if type(e).__name__ == 'TrialPruned' else 'failed')
         write_status(args.out, status, report, error=e if status == 'failed' else None)
         raise
     if args.checkpoint_every is not None:  # the run is complete: nothing left to resume
         for path in (*kept_paths(args.out / CHECKPOINT, CHECKPOINTS_KEPT), args.out / RUN_OPTIONS):
             path.unlink(missing_ok=True)
     report['files']['metrics'] = report['files'].pop('metrics')  # listed last, as it is written last
-    return write_status(args.out, 'complete', report)
+    write_status(args.out, 'complete', report)
+    _log_artifacts(learn, args.out, report)
+    return report
+
+
+def _log_artifacts(learn: Learner, out: Path, report: dict) -> None:
+    """With --mlflow: the plots and metrics.json as artifacts of the run (the weights are in model.pth, local)."""
+    tracker = learn.find_cb(MLflowCallback)
+    if tracker is None: return
+    for key, name in report['files'].items():
+        if key != 'checkpoint': tracker.log_artifact(out / name)
 
 
 def _start_report(args: argparse.Namespace, data_info: dict, noise: dict | None, device: torch.device,

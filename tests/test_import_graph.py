@@ -1,9 +1,10 @@
 """The package's import graph points one way: no cycle (function-local imports included); nothing inside
 the package but the public API (`_api.py`, which `__init__.py` loads on first use), the `minilearn train` job
 (`train_job.py`) and `vision.py` (vision_learner builds a Learner) imports `learner.py`; `cli.py` imports only
-the standard library and the torch-free `train_spec.py` at the top, and the job once, inside `main`; the modules
-split out of `inference`, `callbacks/metrics`, `data/external` and `data/items` sit below the modules that
-re-export them."""
+the standard library and the torch-free `train_spec.py` at the top, and the jobs (`jobs.py`: `train_job.py`, and
+`tune_job.py` above it) once, inside `main`; the trackers' callbacks import no tracker at the top (mlflow and
+optuna are optional); the modules split out of `inference`, `callbacks/metrics`, `data/external` and `data/items`
+sit below the modules that re-export them."""
 import ast
 import sys
 from pathlib import Path
@@ -135,12 +136,23 @@ def test_cli_imports_the_standard_library_and_reaches_the_job_once():
     top, local = _top_and_local_imports(PACKAGE / 'cli.py')
     # '.': the package itself, for __version__ (torch-free, and imported already with any of its modules)
     assert {name for name in top if not _standard(name)} == {'.', '.train_spec'}
-    assert local == ['.train_job']  # inside main, once the command line is checked
+    assert local == ['.jobs']  # inside main, once the command line is checked
     spec_top, spec_local = _top_and_local_imports(PACKAGE / 'train_spec.py')
     assert all(_standard(name) for name in spec_top) and spec_local == []
     assert _graph()['minilearn.train_spec'] == set()  # what cli.py and the job share imports nothing of the package
-    job = _graph()['minilearn.train_job']
+    graph = _graph()
+    assert graph['minilearn.jobs'] == {'minilearn.train_job', 'minilearn.tune_job'}
+    job, tune = graph['minilearn.train_job'], graph['minilearn.tune_job']
     assert 'minilearn.learner' in job and 'minilearn.train_spec' in job and 'minilearn.cli' not in job
+    assert 'minilearn.train_job' in tune and 'minilearn.jobs' not in job | tune and 'minilearn.cli' not in tune
+
+
+def test_the_trackers_are_imported_only_when_used():
+    for module in ('callbacks/mlflow_logger.py', 'callbacks/optuna_pruning.py', 'tune_job.py', 'train_job.py',
+                   'jobs.py', '_api.py'):
+        top, local = _top_and_local_imports(PACKAGE / module)
+        assert not {n for n in top | set(local) if n.split('.')[0] in ('mlflow', 'optuna')}, module
+    assert 'minilearn.callbacks.loggers' in _graph()['minilearn.callbacks.mlflow_logger']  # the logger protocol
 
 
 def test_the_protocol_and_core_import_nothing_above_them():

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from minilearn.callbacks.loggers import CSVLogger, TensorBoardCallback
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
+from minilearn.callbacks.recorder import Recorder
 from minilearn.data.core import DataBunch, Dataset
 from minilearn.learner import Callback, Learner
 
@@ -95,7 +96,7 @@ def event_scalars(log_dir):
 
 
 def test_tensorboard_writes_epoch_and_step_scalars(tmp_path):
-    learn = make_learner(tmp_path, [TensorBoardCallback()])
+    learn = make_learner(tmp_path, [TensorBoardCallback(), Recorder()])
 
     class LossCopy(Callback):  # an independent record of the training losses
         losses = []
@@ -114,7 +115,7 @@ def test_tensorboard_writes_epoch_and_step_scalars(tmp_path):
 
 
 def test_tensorboard_buffers_steps_until_epoch_end(tmp_path):
-    learn = make_learner(tmp_path, [TensorBoardCallback(log_dir=tmp_path / 'tb')])
+    learn = make_learner(tmp_path, [TensorBoardCallback(log_dir=tmp_path / 'tb'), Recorder()])
     seen = []
 
     class Spy(Callback):
@@ -124,10 +125,10 @@ def test_tensorboard_buffers_steps_until_epoch_end(tmp_path):
             add_scalar = writer.add_scalar
             writer.add_scalar = lambda *a, **k: (self.calls.append(a[0]), add_scalar(*a, **k))
         def after_batch(self):
-            seen.append((len(self.run.tensor_board._losses), len(self.calls)))
+            seen.append((self.run.recorder.n_losses, len(self.calls)))
 
     learn.fit(1, cbs=Spy())
-    # 4 training batches buffered, nothing written during the epoch; 2 validation batches add nothing
+    # 4 training batches recorded, nothing written during the epoch; 2 validation batches add nothing
     assert seen == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 0), (4, 0)]
     assert (tmp_path / 'tb').is_dir() and learn.tensor_board.writer is None
     assert len(event_scalars(tmp_path / 'tb')['train/loss_step']) == 4
@@ -144,7 +145,7 @@ def test_tensorboard_writes_the_steps_of_an_interrupted_epoch(tmp_path):
         def begin_batch(self):
             if self.run.epoch == 1 and self.run.iter == 2: raise KeyboardInterrupt
 
-    learn = make_learner(tmp_path, [TensorBoardCallback()])
+    learn = make_learner(tmp_path, [TensorBoardCallback(), Recorder()])
     with pytest.raises(KeyboardInterrupt):
         learn.fit(3, cbs=StopAfterTwoBatches())
     scalars = event_scalars(tmp_path / 'runs')
@@ -168,3 +169,59 @@ def test_csv_resumed_fit_keeps_the_earlier_epochs(tmp_path):
     rows = read_csv(tmp_path / 'history.csv')
     assert [int(r[0]) for r in rows[1:]] == [0, 1, 2, 3]
     assert learn.csv_logger.read() == learn.avg_stats.history
+
+
+# ---- the protocol every logger follows ------------------------------------------------------------------------
+from minilearn.callbacks.loggers import LoggerCallback  # noqa: E402
+
+
+class Recording(LoggerCallback):
+    """Keeps what the protocol hands a logger, in order."""
+    def __init__(self): self.calls = []
+    def open(self): self.calls.append(('open',))
+    def log_params(self, params): self.calls.append(('params', params))
+    def log_epoch(self, row, step): self.calls.append(('epoch', step, row))
+    def log_steps(self, values, first_step): self.calls.append(('steps', first_step, values))
+    def log_status(self, status, error): self.calls.append(('status', status, error))
+    def close(self): self.calls.append(('close',))
+
+
+def test_the_protocol_gives_params_once_rows_steps_and_the_status(tmp_path):
+    log = Recording()
+    learn = make_learner(tmp_path, [log, Recorder()])
+    learn.fit(2)
+    kinds = [c[0] for c in log.calls]
+    assert kinds == ['open', 'params', 'steps', 'epoch', 'steps', 'epoch', 'status', 'close']
+    params = log.calls[1][1]
+    assert params['lr'] == 0.1 and params['epochs'] == 2 and params['bs'] == 10 and params['n_train'] == 40
+    assert params['model'] == 'Linear' and params['n_params'] == 3 * 2 + 2 and params['loss_func'] == 'cross_entropy'
+    assert [(c[1], c[2]) for c in log.calls if c[0] == 'epoch'] == [(r['epoch'], r) for r in learn.avg_stats.history]
+    steps = [c for c in log.calls if c[0] == 'steps']
+    assert [c[1] for c in steps] == [0, 4]
+    assert sum((c[2]['loss_step'] for c in steps), []) == pytest.approx(learn.recorder.losses)
+    assert log.calls[-2] == ('status', 'finished', None)
+    # a resumed fit continues the steps (absolute epochs and batches), a second fit starts them anew
+    log.calls = []
+    learn.fit(4, start_epoch=2)
+    assert [c[1] for c in log.calls if c[0] == 'epoch'] == [2, 3]
+    assert [c[1] for c in log.calls if c[0] == 'steps'] == [8, 12]
+
+
+def test_the_protocol_reports_failed_and_interrupted_fits(tmp_path):
+    log = Recording()
+    learn = make_learner(tmp_path, [log, Recorder()])
+    error = RuntimeError('boom')
+
+    class Fail(Callback):
+        def begin_batch(self):
+            if self.run.epoch == 1 and self.run.iter == 1: raise error
+
+    with pytest.raises(RuntimeError, match='boom') as raised:
+        learn.fit(3, cbs=Fail())
+    status = [c for c in log.calls if c[0] == 'status']
+    assert len(status) == 1 and status[0][1] == 'failed' and status[0][2] is raised.value  # what fit raised
+    assert [c[1] for c in log.calls if c[0] == 'steps'] == [0, 4]  # the failed epoch's first batch too
+    log.calls = []
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, cbs=InterruptAt(1))
+    assert [c[1] for c in log.calls if c[0] == 'status'] == ['interrupted']

@@ -147,6 +147,19 @@ class Recorder(Callback):
         """Training loss per batch, as floats (read from the device now)."""
         return self._loss_tensor().tolist()
 
+    @property
+    def n_losses(self) -> int:
+        """Training batches recorded (those a resume loaded included), without reading the device."""
+        return len(self._loaded_losses) + len(self._losses)
+
+    def losses_from(self, start: int) -> list[float]:
+        """Training losses of batches `start`, `start + 1`... (indices as in `losses`), in one read of the
+        device: a logger reads the new ones at the end of each epoch without converting the whole record."""
+        n_loaded = len(self._loaded_losses)
+        recent = self._losses[max(start - n_loaded, 0):]
+        read = torch.stack([l.float().reshape(()) for l in recent]).cpu().tolist() if recent else []
+        return self._loaded_losses[start:].tolist() + read
+
     def _loss_tensor(self) -> torch.Tensor:
         # The loaded history (CPU) and this fit's losses (on the training device), joined on the CPU.
         recent = torch.stack([l.float().reshape(()) for l in self._losses]).cpu() if self._losses else torch.zeros(0)
