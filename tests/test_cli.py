@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from minilearn import cli, train_job
+from minilearn import cli, jobs, train_job
 from minilearn.cli import build_parser, main
 from minilearn.train_job import build_learner
 from minilearn.datasets import SHAPE_NAMES, save_shapes_folder
@@ -225,7 +225,7 @@ def test_cifar10_python_batches(tmp_path, capsys):
 
 def test_out_that_cannot_be_written_is_named_before_any_data_is_read(tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs): raise AssertionError("the job started (data would be read) before --out was checked")
-    monkeypatch.setattr(train_job, 'run_train', never)
+    monkeypatch.setattr(jobs, 'run_train', never)
     (tmp_path / 'a_file').write_text('')
     data = save_shapes_folder(tmp_path / 'shapes', n_per_class=2, n_classes=2, size=8)
     for out in [tmp_path / 'a_file' / 'out', tmp_path / 'a_file']:
@@ -238,7 +238,7 @@ def test_out_that_cannot_be_written_is_named_before_any_data_is_read(tmp_path, c
 
 def test_the_out_check_leaves_nothing_behind(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(train_job, 'run_train', lambda args, prog: seen.append(args.out) or 0)
+    monkeypatch.setattr(jobs, 'run_train', lambda args, prog: seen.append(args.out) or 0)
     out = tmp_path / 'new' / 'out'
     assert main(['train', '--out', str(out)]) == 0 and seen == [out]
     assert not (tmp_path / 'new').exists()  # the folders it made to try a write are gone; the job creates its own

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import minilearn
+import torch
 
 PACKAGE = Path(minilearn.__file__).parent
 
@@ -190,7 +191,10 @@ def _callback_names() -> set[str]:
     for path in (PACKAGE / 'callbacks').glob('*.py'):
         module = importlib.import_module(_module_name(path))
         names |= {callback_name(c) for _, c in inspect.getmembers(module, inspect.isclass) if issubclass(c, Callback)}
-    return names
+    # a name the learner itself holds is never a callback's (add_cb refuses it): the base LoggerCallback's 'logger'
+    from minilearn.learner import Learner
+    from helpers import linear_data, mlp
+    return names - set(vars(Learner(mlp(), linear_data(), torch.nn.functional.cross_entropy))) - set(dir(Learner))
 
 
 def _is_learner(node: ast.AST) -> bool:
@@ -208,9 +212,15 @@ def _foreign_writes(source: str, callback_names: set[str]) -> list[str]:
     self_attrs: set[str] = set()  # attributes of `self` that hold another callback (anywhere in the module)
 
     def reaches(node: ast.AST, names: set[str]) -> bool:
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == 'find_cb':
-                return True
+        pending = [node]
+        while pending:
+            sub = pending.pop()
+            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute):
+                if sub.func.attr == 'find_cb': return True
+                # what a callback's method returns (`recorder.losses_from(0)`) is not the callback: only its arguments
+                pending.extend([*sub.args, *(k.value for k in sub.keywords)])
+                continue
+            pending.extend(ast.iter_child_nodes(sub))
             if isinstance(sub, ast.Name) and sub.id in names: return True
             if isinstance(sub, ast.Attribute):
                 if sub.attr == 'cbs' or sub.attr in callback_names and _is_learner(sub.value): return True

@@ -74,6 +74,9 @@ GIVEN: dict[str, Callable[[Path, dict], dict]] = {
     'label_image_folder(path': lambda tmp, ns: {'path': _image_folder(tmp, 'valid'), 'model': _small_model()},
     'out_of_fold_probs(make_learner': _shapes,
     "CheckpointCallback('ckpt'": _preempted,  # the Example's learner, stopped by SIGTERM in its second epoch
+    "MLflowCallback('sqlite:///mlflow.db'": lambda tmp, ns: {
+        'model': _small_model(),
+        'data': __import__('minilearn').shapes_databunch(n_train=32, n_valid=16, bs=16, size=16)},
 }
 # block marker -> (README text, its small stand-in): sizes only, never what the code does
 SMALLER: dict[str, list[tuple[str, str]]] = {
@@ -84,6 +87,7 @@ SMALLER: dict[str, list[tuple[str, str]]] = {
                                     ("fit_one_cycle(10, resume='ckpt')", "fit_one_cycle(2, resume='ckpt')")],
     'out_of_fold_probs(make_learner': [('k=4, epochs=8', 'k=2, epochs=1'), ('learn.fit(8)', 'learn.fit(1)'),
                                        ('bs=128, c_in=3', 'bs=32, c_in=3')],
+    "MLflowCallback('sqlite:///mlflow.db'": [('learn.fit_one_cycle(5)', 'learn.fit_one_cycle(1)')],
 }
 # block marker -> the marker of the block it continues (it runs in that block's namespace, after it)
 CONTINUES = {"CheckpointCallback('ckpt'": 'shapes_databunch(n_train=4000'}

@@ -168,8 +168,9 @@ class LoggerCallback(Callback):
         recorder = self.recorder
         if recorder is None or recorder.n_losses <= self._next_record: return
         start = self._next_record
-        values = {'loss_step': recorder.losses_from(start)}  # one read of the device per epoch
-        for k, lrs in enumerate(recorder.lrs): values[f'lr_group{k}'] = lrs[start:start + len(values['loss_step'])]
+        losses = recorder.losses_from(start)  # one read of the device per epoch
+        values = {'loss_step': losses,
+                  **{f'lr_group{k}': lrs[start:start + len(losses)] for k, lrs in enumerate(recorder.lrs)}}
         self.log_steps(values, self._next_step)
         self._next_step += len(values['loss_step'])
         self._next_record += len(values['loss_step'])
