@@ -102,3 +102,24 @@ def load_bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a test's process group."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(worker, args: tuple, timeout: float) -> None:
+    """Run `worker(rank, *args)` in 2 forked processes; fail the test (killing them) past `timeout` seconds."""
+    import time
+    import pytest
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method='fork')
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes: p.kill()
+            pytest.fail(f'the 2-process run did not finish within {timeout:g} s')

@@ -5,20 +5,17 @@ for the in-memory loader and the resumable one, shuffled or not, training and va
 epoch a mid-epoch resume continues; a plain DataLoader gives None and the callbacks that need it refuse it.
 """
 import os
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from helpers import forbid_host_reads, mlp
+from helpers import forbid_host_reads, free_port, mlp, run_two_processes
 from minilearn.callback import require_idx
 from minilearn.callbacks.checkpoint import CheckpointCallback
 from minilearn.callbacks.device import DeviceCallback
-from minilearn.callbacks.distributed import DistributedCallback, shard_loader
+from minilearn.callbacks.distributed import shard_loader
 from minilearn.data.core import DataBunch, Dataset, TensorLoader
 from minilearn.data.sampler import ResumableLoader
 from minilearn.learner import Callback, Learner
@@ -233,14 +230,8 @@ def _ddp_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_under_distributed_callback_each_rank_names_its_items_in_the_full_dataset(tmp_path):
-    from test_distributed import free_port
     torch.optim.SGD(mlp().parameters(), lr=0.1)  # import what building an optimizer imports before forking
-    ctx = mp.start_processes(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method='fork')
-    deadline = time.time() + 120
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes: p.kill()
-            pytest.fail('the 2-process run did not finish within 120 s')
+    run_two_processes(_ddp_worker, (free_port(), str(tmp_path)), timeout=120)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     x, y = tensors()
     for name in ('tensors', 'datasets'):

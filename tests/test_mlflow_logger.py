@@ -6,18 +6,15 @@ artifacts go to the test's temporary folder.
 import os
 import re
 import signal
-import socket
 import sys
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import linear_data, mlp
+from helpers import free_port, linear_data, mlp, run_two_processes
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
 from minilearn.callbacks.loggers import fit_hyperparameters
 from minilearn.callbacks.metrics import AvgStatsCallback, accuracy
@@ -228,21 +225,9 @@ def _worker(rank, port, store, experiment, out_dir):
                os.path.join(out_dir, f'rank{rank}.pt'))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_only_rank_0_logs_under_ddp(store, experiment, tmp_path):
     torch.optim.SGD(mlp().parameters(), lr=0.1)  # imports the optimizer machinery once, before forking
-    ctx = mp.start_processes(_worker, args=(_free_port(), store, experiment, str(tmp_path)), nprocs=2, join=False,
-                             start_method='fork')
-    deadline = time.time() + 180
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes: p.kill()
-            pytest.fail('the distributed workers did not finish in time')
+    run_two_processes(_worker, (free_port(), store, experiment, str(tmp_path)), timeout=180)
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     (run,) = runs_of(store, experiment)
     assert results[0]['run_id'] == run.info.run_id and results[1]['run_id'] is None
