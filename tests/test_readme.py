@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,9 +24,9 @@ README = Path(__file__).resolve().parent.parent / 'README.md'
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
-    """(line number, source) of every ```python block of a markdown text."""
-    return [(text[:m.start()].count('\n') + 2, m.group(1))
-            for m in re.finditer(r'^```python\n(.*?)^```', text, flags=re.S | re.M)]
+    """(line number, source) of every ```python block of a markdown text, those indented in a list item too."""
+    return [(text[:m.start()].count('\n') + 2, textwrap.dedent(m.group(2)))
+            for m in re.finditer(r'^( *)```python\n(.*?)^\1```', text, flags=re.S | re.M)]
 
 
 def _image_folder(root: Path, valid_name: str) -> Path:
@@ -73,7 +74,11 @@ GIVEN: dict[str, Callable[[Path, dict], dict]] = {
         'my_auroc': lambda probs, targets: probs.max(1).values.mean()},
     'label_image_folder(path': lambda tmp, ns: {'path': _image_folder(tmp, 'valid'), 'model': _small_model()},
     'out_of_fold_probs(make_learner': _shapes,
-    "CheckpointCallback('ckpt'": _preempted,  # the Example's learner, stopped by SIGTERM in its second epoch
+    # the Example's learner, stopped by SIGTERM in its second epoch
+    "CheckpointCallback('ckpt', every_n_batches=100)": _preempted,
+    "DistributedCallback(), CheckpointCallback('ckpt'": lambda tmp, ns: {  # one process: DistributedCallback idles
+        'model': _small_model(), 'loss': torch.nn.functional.cross_entropy,
+        'data': __import__('minilearn').shapes_databunch(n_train=32, n_valid=16, bs=16, size=16)},
     "MLflowCallback('sqlite:///mlflow.db'": lambda tmp, ns: {
         'model': _small_model(),
         'data': __import__('minilearn').shapes_databunch(n_train=32, n_valid=16, bs=16, size=16)},
@@ -82,15 +87,18 @@ GIVEN: dict[str, Callable[[Path, dict], dict]] = {
 SMALLER: dict[str, list[tuple[str, str]]] = {
     'shapes_databunch(n_train=4000': [('n_train=4000, n_valid=1000', 'n_train=256, n_valid=64'),
                                       ('fit_one_cycle(5,', 'fit_one_cycle(2,')],
-    "CheckpointCallback('ckpt'": [('every_n_batches=100', 'every_n_batches=3'),
+    "CheckpointCallback('ckpt', every_n_batches=100)": [('every_n_batches=100', 'every_n_batches=3'),
                                     ('fit_one_cycle(10, cbs=ckpt)', 'fit_one_cycle(2, cbs=ckpt)'),
                                     ("fit_one_cycle(10, resume='ckpt')", "fit_one_cycle(2, resume='ckpt')")],
     'out_of_fold_probs(make_learner': [('k=4, epochs=8', 'k=2, epochs=1'), ('learn.fit(8)', 'learn.fit(1)'),
                                        ('bs=128, c_in=3', 'bs=32, c_in=3')],
     "MLflowCallback('sqlite:///mlflow.db'": [('learn.fit_one_cycle(5)', 'learn.fit_one_cycle(1)')],
+    "DistributedCallback(), CheckpointCallback('ckpt'": [('every_n_batches=200', 'every_n_batches=1'),
+                                                          ("fit_one_cycle(10, resume='auto')",
+                                                           "fit_one_cycle(2, resume='auto')")],
 }
 # block marker -> the marker of the block it continues (it runs in that block's namespace, after it)
-CONTINUES = {"CheckpointCallback('ckpt'": 'shapes_databunch(n_train=4000'}
+CONTINUES = {"CheckpointCallback('ckpt', every_n_batches=100)": 'shapes_databunch(n_train=4000'}
 
 BLOCKS = python_blocks(README.read_text())
 
