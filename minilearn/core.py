@@ -6,7 +6,7 @@ import importlib
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -15,7 +15,7 @@ from fastprogress.fastprogress import IN_NOTEBOOK
 
 __all__ = ['listify', 'camel2snake', 'to_device', 'unwrap_loss', 'is_main_process', 'check_positive', 'batch_size',
            'model_device', 'unwrap_partial', 'callable_name', 'do_nothing', 'is_interactive',
-           'optional_import', 'lr_range', 'TablePrinter']
+           'optional_import', 'lr_range', 'param_groups', 'TablePrinter']
 
 _camel_re1 = re.compile('(.)([A-Z][a-z]+)')
 _camel_re2 = re.compile('([a-z0-9])([A-Z])')
@@ -150,3 +150,11 @@ def lr_range(lr: float | slice | Sequence[float], n_groups: int, name: str = 'lr
         return [float(v) for v in lr]
     check_positive(name, lr)
     return [lr] * n_groups
+
+
+def param_groups(splitter: Callable, model: Any) -> list:
+    """The optimizer's parameter groups of `model` as `splitter` gives them: parameters, dicts, or lists of them."""
+    groups = list(splitter(model))
+    if groups and not isinstance(groups[0], (torch.nn.Parameter, torch.Tensor, dict)):
+        groups = [{'params': list(g)} for g in groups]  # a splitter returning several groups
+    return groups

@@ -18,7 +18,7 @@ from .callbacks.distributed import all_gather_rows, distrib_ctx
 from .callbacks.schedule import constant_lr, fine_tune, fit_one_cycle, lr_find
 from .callbacks.transforms import BatchTransformXCallback
 from .checks import check_batch, check_dataset_targets
-from .core import TablePrinter, check_positive, listify, lr_range
+from .core import TablePrinter, listify, lr_range, param_groups
 from .export import export_learner
 from .freeze import freeze, freeze_to, unfreeze
 from .inference import get_preds, predict, show_results, summary, tta
@@ -236,9 +236,7 @@ class Learner:
     def create_opt(self) -> None:
         """Build the optimizer as `opt_func(param_groups, lr=lr)` from the splitter's groups (an lr slice gives
         each group its rate, see `lr_range`)."""
-        groups = list(self.splitter(self.model))
-        if groups and not isinstance(groups[0], (nn.Parameter, torch.Tensor, dict)):
-            groups = [{'params': list(g)} for g in groups]  # a splitter returning several groups
+        groups = param_groups(self.splitter, self.model)
         if isinstance(self.lr, slice) and groups and isinstance(groups[0], dict):
             for group, lr in zip(groups, lr_range(self.lr, len(groups))): group.setdefault('lr', lr)
         self.opt = self.opt_func(groups, lr=self.lr.stop if isinstance(self.lr, slice) else self.lr)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callback import Callback, require_idx
-from ..core import model_device
+from ..core import model_device, param_groups
 from .distributed import DistributedCallback
 from .mixup import MixHandler
 from .precision import GradientAccumulation, GradientClipping, MixedPrecision
@@ -70,14 +70,6 @@ def _check_fraction(owner: str, name: str, value: Any, upper_inclusive: bool) ->
         interval = '[0, 1]' if upper_inclusive else '[0, 1)'
         raise ValueError(f"{owner} {name} must be a number in {interval}, got {value!r}")
     return float(value)
-
-
-def _param_groups(splitter: Any, model: nn.Module) -> list:
-    # As Learner.create_opt reads the splitter: parameters, dicts, or several lists of parameters.
-    groups = list(splitter(model))
-    if groups and not isinstance(groups[0], (nn.Parameter, torch.Tensor, dict)):
-        groups = [{'params': list(g)} for g in groups]
-    return groups
 
 
 class _PeerTraining(Callback):
@@ -187,7 +179,7 @@ class _PeerTraining(Callback):
                              f"drop_last=True, or a lower forget_rate")
 
     def _build_peer_opt(self) -> None:
-        groups = _param_groups(self.run.splitter, self.peer)
+        groups = param_groups(self.run.splitter, self.peer)
         opt = self.run.opt_func(groups, lr=self.run.lr)
         if len(opt.param_groups) != len(self.run.opt.param_groups):
             raise ValueError(f"{type(self).__name__}: the splitter gives the peer {len(opt.param_groups)} parameter "
