@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ CELL_TIMEOUT_S = 600
 
 
 PROGRESS_RE = re.compile(r"<progress\s+(?:value='(\d+)'\s+)?[^>]*?max='(\d+)'")
+
+
+MARKDOWN_RULE_RE = re.compile(r'^\|(?:\s*:?-{3,}:?\s*\|)+\s*$', re.M)  # a table's |---|---| line
 
 
 def _html_outputs(cell) -> list[str]:
@@ -131,7 +135,41 @@ def test_notebook_runs(path: Path, kernel_of_this_interpreter: Path):
     warned = [o['text'] for c in executed for o in c.outputs
               if o.get('output_type') == 'stream' and o.get('name') == 'stderr' and 'Warning' in o.get('text', '')]
     assert not warned, f"the notebook shows warning boxes: {warned}"
+    raw_tables = [o['text'] for c in executed for o in c.outputs
+                  if o.get('output_type') == 'stream' and MARKDOWN_RULE_RE.search(o.get('text', ''))]
+    assert not raw_tables, f"a Markdown table printed as text (display(Markdown(...)) renders it): {raw_tables}"
     assert sorted(p.name for p in NBS_DIR.iterdir()) == before, "the notebook wrote files into nbs/"
+    if path.stem in CLAIMS: CLAIMS[path.stem]('\n'.join(_stdout(c) for c in executed))
+
+
+def _stdout(cell) -> str:
+    return ''.join(o.get('text', '') for o in cell.outputs if o.get('output_type') == 'stream' and o['name'] == 'stdout')
+
+
+def mixup_pays_off(printed: str) -> None:
+    """The 10b notebook's text: on its run cross entropy fits wrong labels, and MixUp ends ahead of it."""
+    final = dict(re.findall(r'^(.+?)\s+clean validation accuracy after \d+ epochs: ([\d.]+) %', printed, flags=re.M))
+    assert set(final) == {'cross entropy', 'MixUp', 'label smoothing', 'MixUp + label smoothing'}, printed
+    assert float(final['MixUp']) > float(final['cross entropy']), final
+    found = re.search(r'fits ([\d.]+) % of its training labels.*?; ([\d.]+) % of them', printed)
+    fitted, correct = map(float, found.groups())
+    assert fitted > correct, printed  # the text: cross entropy fits wrong labels too
+
+
+def at_least(pattern: str, minimum: float) -> Callable[[str], None]:
+    """Every number the regex `pattern` (one group) finds in the printed output is at least `minimum`."""
+    def check(printed: str) -> None:
+        found = [float(v) for v in re.findall(pattern, printed)]
+        assert found and min(found) >= minimum, f"{pattern!r} found {found} (at least {minimum} expected): {printed}"
+    return check
+
+
+# What a notebook's text says its run shows, checked on the run's printed output.
+# The demonstrations must learn: chance is 10 % on the 10 shapes.
+CLAIMS: dict[str, Callable[[str], None]] = {
+    '10b_mixup_label_smoothing': mixup_pays_off,
+    '00_quickstart': at_least(r'validation accuracy ([\d.]+)%', 80),
+    'tracking': at_least(r'best: trial \d+, .*valid_accuracy ([\d.]+)', 0.7)}
 
 
 FIT_CELLS = [
