@@ -89,6 +89,18 @@ def test_notebook_is_stripped(path: Path):
         assert cell.get('execution_count') is None, f"{path.name}: code cell {i} has an execution count"
 
 
+# Characters of code a rendered notebook shows on a line (nbconvert's HTML in a 1000-pixel-wide window);
+# longer lines are cut off, behind a scroll bar.
+RENDERED_LINE = 110
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_code_lines_fit_a_rendered_cell(path: Path):
+    long = [(i, line) for i, cell in enumerate(c for c in _read(path).cells if c.cell_type == 'code')
+            for line in cell.source.splitlines() if len(line) > RENDERED_LINE]
+    assert not long, f"{path.name}: code lines over {RENDERED_LINE} characters (code cell, line): {long}"
+
+
 @pytest.fixture
 def kernel_of_this_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A `python3` kernelspec running `sys.executable`, first on JUPYTER_PATH; returns the working folder."""
