@@ -2,10 +2,13 @@
 (state_dict/load_state_dict, shards, last_idx) and reading a loader without moving it (one_batch)."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from helpers import batches
-from minilearn.data.core import Dataset
+from minilearn import Callback, DataBunch, Learner
+from minilearn.data.core import Dataset, get_dls
 from minilearn.data.sampler import ResumableLoader, ResumableSampler, epoch_order, one_batch
 
 
@@ -150,3 +153,25 @@ def test_a_shard_keeps_the_loader_settings():
     dl = ResumableLoader(ds, batch_size=3, seed=1, drop_last=True, collate_fn=collate)
     shard = dl.shard(1, 2)
     assert shard.drop_last and shard.collate_fn is collate and shard.sampler.seed == 1 and len(shard) == 1
+
+
+def test_a_second_learner_reads_the_next_epochs_unless_the_loader_is_set_back_to_epoch_0():
+    """What the README and the 10b notebook tell a user who wants several learners to see the same batches."""
+    class SeenItems(Callback):
+        def begin_fit(self): self.items = []
+        def begin_batch(self):
+            if self.in_train: self.items.append(self.run.idx.tolist())
+
+    ds = Dataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+    generator = torch.Generator().manual_seed(0)
+    data = DataBunch(*get_dls(ds, None, bs=8, generator=generator), c_in=3, c_out=2)
+
+    def items_seen(before=None) -> list:
+        if before: before()
+        seen = SeenItems()
+        Learner(nn.Linear(3, 2), data, F.cross_entropy, cbs=seen).fit(2)
+        return seen.items
+
+    first = items_seen()
+    assert items_seen(lambda: generator.manual_seed(0)) != first  # the generator only drew the loader's seed
+    assert items_seen(lambda: data.train_dl.set_epoch(0)) == first

@@ -175,7 +175,8 @@ def get_dls(train_ds: Any, valid_ds: Any, bs: int, seed: int | None = None,
     """A shuffled training loader of batch size `bs` and a validation loader of batch size 2·bs.
 
     The training loader is a `ResumableLoader`: epoch e's order comes from `seed + e` (`seed` drawn from
-    `generator`, or torch's global generator, when None), and it can resume inside an epoch.
+    `generator`, or torch's global generator, when None), and it can resume inside an epoch. Each pass reads the
+    next epoch; `train_dl.set_epoch(0)` before a fit replays the same batches for another learner.
     """
     _check_bs(bs)
     kwargs.pop('shuffle', None)
