@@ -5,6 +5,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+
+from minilearn import Callback, Learner
 
 from helpers import load_bench
 
@@ -23,7 +26,7 @@ def test_smoke_run_reports_every_variant_against_cross_entropy(bench, tmp_path, 
     rows = {line.split(' | ')[0].strip('| '): line for line in printed.splitlines() if line.startswith('| ')}
     assert set(bench.VARIANTS) <= set(rows)
     runs = json.loads(out.read_text())
-    assert sorted(runs) == ['0', '1'] and all(set(r) == set(bench.VARIANTS) for r in runs.values())
+    assert sorted(runs) == ['0', '1'] and all(set(r) == {'wrong', *bench.VARIANTS} for r in runs.values())
     # the paired difference printed is the mean of the per-seed differences
     mixup = [runs[k]['MixUp']['acc'] - runs[k]['cross entropy']['acc'] for k in ('0', '1')]
     assert f'{sum(mixup) / 2:+.2f} [' in rows['MixUp']
@@ -32,7 +35,31 @@ def test_smoke_run_reports_every_variant_against_cross_entropy(bench, tmp_path, 
 def test_a_seed_reruns_to_the_same_figures(bench):
     s = dict(bench.SETTING, **bench.SMOKE, variants=['cross entropy', 'MixUp'])
     first, second = bench.run_seed(3, s), bench.run_seed(3, s)
+    assert first.pop('wrong') == second.pop('wrong')
+    assert 0 < first['cross entropy']['train_acc'] <= 100
     assert {v: r['acc'] for v, r in first.items()} == {v: r['acc'] for v, r in second.items()}
+
+
+def test_the_variants_of_a_seed_start_from_the_same_weights_and_read_the_same_batches(bench, monkeypatch):
+    """What makes the differences paired: only the loss and the callbacks differ within a seed."""
+    seen = []
+
+    class FirstBatch(Callback):
+        def begin_fit(self):
+            seen.append({'weights': [p.detach().clone() for p in self.model.parameters()], 'batches': []})
+
+        def begin_batch(self):
+            if self.in_train: seen[-1]['batches'].append(self.run.idx.tolist())
+
+    def learner(*args, cb_funcs=(), **kwargs):
+        return Learner(*args, cb_funcs=list(cb_funcs) + [FirstBatch], **kwargs)
+
+    monkeypatch.setattr(bench, 'Learner', learner)
+    bench.run_seed(1, dict(bench.SETTING, **bench.SMOKE))
+    assert len(seen) == len(bench.VARIANTS)
+    for other in seen[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(seen[0]['weights'], other['weights']))
+        assert other['batches'] == seen[0]['batches'] and len(other['batches']) == 2 * 4  # 2 epochs of 200 at bs 64
 
 
 def test_bad_options_are_refused(bench):

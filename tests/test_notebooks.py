@@ -163,7 +163,8 @@ def mixup_pays_off(printed: str) -> None:
     final = dict(re.findall(r'^(.+?)\s+clean validation accuracy after \d+ epochs: ([\d.]+) %', printed, flags=re.M))
     assert set(final) == {'cross entropy', 'MixUp', 'label smoothing', 'MixUp + label smoothing'}, printed
     assert float(final['MixUp']) > float(final['cross entropy']), final
-    found = re.search(r'fits ([\d.]+) % of its training labels.*?; ([\d.]+) % of them', printed)
+    found = re.search(r'fits ([\d.]+) % of its training labels.*?; ([\d.]+) % of the training labels are correct',
+                      printed)
     fitted, correct = map(float, found.groups())
     assert fitted > correct, printed  # the text: cross entropy fits wrong labels too
 
@@ -176,12 +177,19 @@ def at_least(pattern: str, minimum: float) -> Callable[[str], None]:
     return check
 
 
+def tracking_learns_and_prunes(printed: str) -> None:
+    """The tracking notebook's "small pruned study" learns, prunes a trial and completes one."""
+    at_least(r'best: trial \d+, .*valid_accuracy ([\d.]+)', 0.7)(printed)
+    states = re.findall(r'^trial \d+: (\w+)', printed, flags=re.M)
+    assert 'PRUNED' in states and 'COMPLETE' in states, printed
+
+
 # What a notebook's text says its run shows, checked on the run's printed output.
 # The demonstrations must learn: chance is 10 % on the 10 shapes.
 CLAIMS: dict[str, Callable[[str], None]] = {
     '10b_mixup_label_smoothing': mixup_pays_off,
     '00_quickstart': at_least(r'validation accuracy ([\d.]+)%', 80),
-    'tracking': at_least(r'best: trial \d+, .*valid_accuracy ([\d.]+)', 0.7)}
+    'tracking': tracking_learns_and_prunes}
 
 
 FIT_CELLS = [
