@@ -104,12 +104,19 @@ def load_bench(name: str) -> ModuleType:
     return module
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` different free TCP ports on the loopback address, for a test's process groups."""
+    import contextlib
+    import socket
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks: sock.bind(('127.0.0.1', 0))  # all bound at once: n different ports
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port() -> int:
     """A free TCP port on the loopback address, for a test's process group."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def run_two_processes(worker, args: tuple, timeout: float) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from helpers import forbid_host_reads, free_port, mlp, run_two_processes
+from helpers import forbid_host_reads, free_ports, mlp, run_two_processes
 from minilearn.callback import require_idx
 from minilearn.callbacks.checkpoint import CheckpointCallback
 from minilearn.callbacks.device import DeviceCallback
@@ -213,12 +213,14 @@ def test_reading_idx_costs_no_host_read(make_data, monkeypatch):
             monkeypatch.undo()
 
 
-def _ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE='2')
+def _ddp_worker(rank, ports, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
     torch.set_num_threads(1)
     result = {}
-    for name, make_data in (('tensors', tensor_data), ('datasets', dataset_data)):
+    for port, (name, make_data) in zip(ports, (('tensors', tensor_data), ('datasets', dataset_data))):
+        # A group of its own for each: on the port just freed, rank 1 could reach the store rank 0 was closing
+        # ("Failed to recv, got 0 bytes").
+        os.environ['MASTER_PORT'] = str(port)
         torch.manual_seed(0)
         learn = Learner(mlp(), make_data(), F.cross_entropy, lr=0.1)
         probe = IdxProbe()
@@ -231,7 +233,7 @@ def _ddp_worker(rank, port, out_dir):
 @pytest.mark.slow
 def test_under_distributed_callback_each_rank_names_its_items_in_the_full_dataset(tmp_path):
     torch.optim.SGD(mlp().parameters(), lr=0.1)  # import what building an optimizer imports before forking
-    run_two_processes(_ddp_worker, (free_port(), str(tmp_path)), timeout=120)
+    run_two_processes(_ddp_worker, (free_ports(2), str(tmp_path)), timeout=120)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     x, y = tensors()
     for name in ('tensors', 'datasets'):

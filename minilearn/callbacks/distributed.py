@@ -1,6 +1,7 @@
 """Multi-process data-parallel training on torch.distributed, for runs launched with `torchrun`."""
 from __future__ import annotations
 
+import atexit
 import copy
 import inspect
 import math
@@ -107,6 +108,11 @@ def shard_loader(dl: DataLoader, rank: int, world_size: int, train: bool, seed: 
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, **settings)
 
 
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group if it is still there (registered when a DistributedCallback made it)."""
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+
+
 def _init_process_group(backend: str | None, device: torch.device) -> bool:
     """Initialise the default process group from torchrun's environment if needed; True if this call did."""
     if dist.is_initialized(): return False
@@ -115,13 +121,18 @@ def _init_process_group(backend: str | None, device: torch.device) -> bool:
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if attempt is None:
         dist.init_process_group(backend, init_method='env://')
-        return True
-    # torchrun's agent serves one store for every restart of the group, which still holds the addresses the
-    # processes of the attempt before published: a restarted rank would connect to them (gloo's "connectFullMesh
-    # failed ... Connection refused", or a hang). Each attempt's group keeps its keys apart.
-    store, rank, world_size = next(dist.rendezvous('env://'))
-    dist.init_process_group(backend, store=dist.PrefixStore(f'minilearn/attempt_{attempt}', store), rank=rank,
-                            world_size=world_size)
+    else:
+        # torchrun's agent serves one store for every restart of the group, which still holds the addresses the
+        # processes of the attempt before published: a restarted rank would connect to them (gloo's
+        # "connectFullMesh failed ... Connection refused", or a hang). Each attempt's group keeps its keys apart.
+        store, rank, world_size = next(dist.rendezvous('env://'))
+        dist.init_process_group(backend, store=dist.PrefixStore(f'minilearn/attempt_{attempt}', store), rank=rank,
+                                world_size=world_size)
+    # The group outlives the fit (a script may fit again). Left to the interpreter's teardown, gloo's threads
+    # can abort the process as it exits ("terminate called without an active exception", SIGABRT: torchrun
+    # then reports the run failed); destroyed at exit instead. Registered once however many groups are made.
+    atexit.unregister(_destroy_process_group_at_exit)
+    atexit.register(_destroy_process_group_at_exit)
     return True
 
 
