@@ -3,17 +3,14 @@ import atexit
 import contextlib
 import io
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from helpers import mlp, weights
+from helpers import free_port, mlp, run_two_processes, weights
 from minilearn.callbacks import distributed
 from minilearn.callbacks.device import DeviceCallback
 from minilearn.callbacks.distributed import DistributedCallback, ShardSampler, num_distrib, rank_distrib, shard_loader
@@ -147,24 +144,13 @@ def _worker(rank, port, out_dir):
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def two_ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp('ddp'))
     # Fork: the workers inherit this process's imports (torch, and the torch._dynamo that building an
     # optimizer imports), which would cost each spawned worker ~10 s on a 2-core machine.
     torch.optim.SGD(mlp().parameters(), lr=0.1)
-    ctx = mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=False, start_method='fork')
-    deadline = time.time() + 120
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes: p.kill()
-            pytest.fail('the 2-process run did not finish within 120 s')
+    run_two_processes(_worker, (free_port(), out_dir), timeout=120)
     return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(WORLD_SIZE)]
 
 

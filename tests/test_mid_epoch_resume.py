@@ -9,7 +9,6 @@ bit for bit on the CPU.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import minilearn.callbacks.checkpoint as checkpoint
 import minilearn.serialization as serialization
 
-from helpers import batches, image_data, linear_data, same_weights, small_cnn, weights
+from helpers import (batches, free_port, image_data, linear_data, run_two_processes, same_weights, small_cnn,
+                     weights)
 from minilearn.callback import Order
 from minilearn.callbacks.augment import RandomCropPad, RandomFlip
 from minilearn.callbacks.checkpoint import CheckpointCallback, TrainingInterrupted
@@ -482,15 +481,7 @@ def _ddp_worker(rank, port, out_dir, tensors):
 
 @pytest.mark.parametrize('tensors', [False, True], ids=['ResumableLoader', 'TensorLoader'])
 def test_under_ddp_the_ranks_stop_together_and_resume_their_shards(tmp_path, tensors):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path), tensors), nprocs=2, join=False, start_method='fork')
-    deadline = time.time() + 180
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes: p.kill()
-            pytest.fail('the 2-process run did not finish within 180 s (a rank waiting for the other?)')
+    run_two_processes(_ddp_worker, (free_port(), str(tmp_path), tensors), timeout=180)
     r0, r1 = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     for r in (r0, r1):  # rank 1 alone was signalled: both stopped at the next checkpoint batch
         assert 'inside epoch 0 after 2 batch' in r['stopped'] and r['position'] == (0, 2)
