@@ -498,6 +498,12 @@ def report(args: argparse.Namespace, regimes: dict, datas: dict, raw: dict, tota
                         gap = ' / '.join(fmt(gap_closure(mean[m][k], mean['ce'][k], mean['ce-clean'][k]), '.0%')
                                          or 'no gap' for k in ('final', 'last5'))
                 lines.append(f'| {desc} | {hp} | {" | ".join(cells)} | {d_final} | {d_last5} | {gap} | {cost} |')
+            # Which method leads is a paired question too: each of the top three against the next one.
+            ranked = sorted((m for m in sc if m != 'ce-clean'), key=lambda m: -mean[m]['final'])[:3]
+            steps = [f"{method_spec(a, r)[0]} − {method_spec(b, r)[0]}: "
+                     f"{base.paired([s['final'] for s in sc[a]], [s['final'] for s in sc[b]])}"
+                     for a, b in zip(ranked, ranked[1:])]
+            if steps: lines += ['', 'The leaders by final accuracy, each against the next, paired: ' + '; '.join(steps)]
             lines.append('')
     lines += detection_section(args, regimes, datas, raw)
     missing = [m for m in ALL_METHODS if not available(m)]

@@ -14,7 +14,7 @@ differences are paired by seed (same subset, same head initialisation) with a 95
 line compares the images per second of `fine_tune`'s frozen epoch with its unfrozen ones, timed in the same
 process one after the other.
 
-    python bench/transfer.py --threads 1                        # the study (about 12 min on one shared core)
+    python bench/transfer.py --threads 1                        # the study (about 4 min on one free core)
     python bench/transfer.py --smoke --out /tmp/t.md             # generated data, seconds (tests/)
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from minilearn.vision import IMAGENET_STATS  # noqa: E402
 
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 SCALES = {  # pretrain epochs, fine-tune epochs E (each row trains E+1), images per class, seeds, test images per class
-    'cpu': dict(pre_epochs=3, epochs=4, sizes=(50, 200), seeds=5, test_per_class=None),  # ~12 min on a free core
+    'cpu': dict(pre_epochs=3, epochs=4, sizes=(50, 200), seeds=5, test_per_class=None),  # ~4 min on a free core (26 s of it pretraining)
     'quick': dict(pre_epochs=1, epochs=2, sizes=(50, 200), seeds=2, test_per_class=200),
     'smoke': dict(pre_epochs=1, epochs=1, sizes=(4, 8), seeds=2, test_per_class=None),
 }

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, NOISE_KINDS, RUN_OPTIONS,
-                         UsageError, data_format, one_line, options_record)
+from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, DEFAULT_WD, NOISE_KINDS,
+                         RUN_OPTIONS, UsageError, data_format, one_line, options_record)
 
 __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 
@@ -31,7 +31,6 @@ __all__ = ['main', 'build_parser', 'checked_args', 'UsageError']
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 0.1
 DEFAULT_BS = 64
-DEFAULT_WD = 5e-4
 DEFAULT_TRIALS = 20
 SEARCHED = ('lr', 'wd', 'mixup', 'label_smoothing')  # what `minilearn tune` chooses per trial
 LOSSES = ('ce', 'ls', 'soft-boot', 'hard-boot')

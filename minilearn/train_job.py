@@ -47,7 +47,7 @@ from .losses import HardBootstrappingLoss, LabelSmoothingCrossEntropy, SoftBoots
 from .models import conv_layer, get_cnn_model, init_cnn, resnet18_cifar
 from .noisy import add_label_noise
 from .serialization import CheckpointError, ReadCheckpoint, atomic_write, kept_paths, latest_checkpoint
-from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, RUN_OPTIONS,
+from .train_spec import (ARCHS, CHECKPOINT, CHECKPOINTS_KEPT, CNN_WIDTHS, DEFAULT_N_PER_CLASS, DEFAULT_WD, RUN_OPTIONS,
                          UsageError, data_format, one_line, options_record, valid_folder)
 from .vision import PretrainedWeightsError, vision_learner
 
@@ -99,7 +99,7 @@ def build_learner(args: argparse.Namespace) -> tuple[Learner, dict]:
     generator = torch.Generator().manual_seed(args.seed)
     data, data_info = _build_data(args)
     noise = _add_noise(args, data, generator)
-    opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=getattr(args, 'wd', 5e-4))  # run.json without wd
+    opt_func = partial(torch.optim.SGD, momentum=0.9, weight_decay=getattr(args, 'wd', DEFAULT_WD))
     if args.arch in ARCHS:
         model = _build_model(args, data)
         learn = Learner(model, data, _build_loss(args), opt_func=opt_func, lr=args.lr,

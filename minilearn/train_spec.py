@@ -14,6 +14,7 @@ __all__ = ['UsageError', 'one_line', 'options_record', 'data_format', 'valid_fol
            'DEFAULT_N_PER_CLASS', 'CNN_WIDTHS']
 
 DEFAULT_N_PER_CLASS = 1000  # generated shapes per class when --n-per-class is not given
+DEFAULT_WD = 5e-4  # SGD's weight decay when --wd is not given (and for a run.json written before --wd)
 CNN_WIDTHS = (16, 32, 64, 64)  # conv widths of --arch cnn
 CHECKPOINT = 'checkpoint.pth'  # in --out, with --checkpoint-every
 CHECKPOINTS_KEPT = 2  # the newest checkpoint and the one before (checkpoint.1.pth), should the newest be corrupt

@@ -1,6 +1,7 @@
 """The memorisation study's smoke mode and its bookkeeping: every row and table, gap closure, resuming, shards."""
 import json
 import math
+import re
 from functools import partial
 
 import numpy as np
@@ -92,6 +93,11 @@ def test_smoke_run_writes_every_table_resumes_and_merges_shards(study, tmp_path,
     cells = [c.strip() for c in gce_row.split('|')[1:-1]]
     assert cells[5].count('[') == 1 and cells[6].count('[') == 1  # paired differences with 95 % intervals
     assert cells[7].count('%') == 2 and float(cells[8]) > 0  # gap closure final / last-5, cost vs CE
+    leaders = [line for line in text.splitlines() if line.startswith('The leaders by final accuracy')]
+    assert len(leaders) == 4  # one per noise setting: the top three, each against the next, paired
+    for line in leaders:  # ranked by mean final accuracy, so each mean paired difference is >= 0
+        gaps = [float(g) for g in re.findall(r': ([+-]\d+\.\d+) \[', line)]
+        assert len(gaps) == 2 and min(gaps) >= 0 and 'CE on the clean labels' not in line, line
     detectors = ['in-sample loss ranking', 'out-of-fold loss ranking', 'confident learning, out-of-fold']
     if study.available('aum'): detectors.append('AUM ranking')
     for detector in detectors:

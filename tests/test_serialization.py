@@ -178,9 +178,10 @@ def test_failed_save_leaves_previous_checkpoint_intact_and_no_temp_file(tmp_path
     monkeypatch.setattr(serialization.torch, 'save', _half_write_then(error))
     with pytest.raises(type(error)) as info:
         learn.save('ckpt')
-    # the cause, or one error naming the file and the cause
-    assert info.value is error or (info.value.__cause__ is error and str(path) in str(info.value)
-                                   and error.strerror in str(info.value))
+    if isinstance(error, OSError):  # one error naming the file and the cause
+        assert info.value.__cause__ is error and str(path) in str(info.value) and error.strerror in str(info.value)
+    else:  # Ctrl-C goes through as it is
+        assert info.value is error
     monkeypatch.undo()
     assert path.read_bytes() == good_bytes
     assert sorted(p.name for p in path.parent.iterdir()) == ['ckpt.pth']

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..core import check_positive, listify, lr_range
+from ..core import check_positive, listify, lr_range, param_groups
 from ..serialization import checkpoint_path, get_rng_states, has_position, read_checkpoint, set_rng_states
 from ..callback import Callback, CancelTrainException, Order, flag
 from .checkpoint import auto_resume
@@ -198,8 +198,8 @@ class ParamScheduler(Callback):
 # ---- one cycle -----------------------------------------------------------------------------------
 def _n_param_groups(learn: Any) -> int:
     if learn.opt is not None: return len(learn.opt.param_groups)
-    groups = list(learn.splitter(learn.model))  # as Learner.create_opt reads them
-    return len(groups) if groups and not isinstance(groups[0], (torch.nn.Parameter, torch.Tensor)) else 1
+    groups = param_groups(learn.splitter, learn.model)  # as Learner.create_opt reads them
+    return len(groups) if groups and isinstance(groups[0], dict) else 1
 
 
 def _one_cycle_args(learn: Any, max_lr: Any, pct_start: Any, div: Any, div_final: Any, moms: Any) -> list[float]:
